@@ -1,0 +1,244 @@
+//! 2-D convolution over NCHW activations.
+//!
+//! Three paths: pointwise (1×1) convolutions are one GEMM per image read in place through
+//! strides; other dense convolutions unroll a tile of output pixels (im2col) into the planned
+//! scratch and run a GEMM per tile; depthwise convolutions run directly. A direct loop over plain
+//! weights is the reference for all of them and serves grouped convolutions.
+
+use edgetune_core::ops::Conv;
+
+use super::gemm::{gemm, Gemm, GemmKernel};
+use crate::math;
+
+/// A convolution's weights as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum ConvWeights<'a> {
+    /// `[Cout, K]` packed in GEMM panels.
+    Panel(&'a [f32]),
+    /// `[Cout, K]` row-major, `K = Cin/groups · kh · kw`.
+    Plain(&'a [f32]),
+}
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvShape {
+    /// Images.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height and width.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Output height.
+    pub ho: usize,
+    /// Output width.
+    pub wo: usize,
+}
+
+/// Runs a convolution. `scratch` must hold the im2col tile when `c.col_tile > 0`.
+pub fn conv2d(
+    ker: &GemmKernel,
+    c: &Conv,
+    s: &ConvShape,
+    x: &[f32],
+    w: ConvWeights<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let depthwise = c.groups > 1 && c.groups as usize == s.cin && s.cout == s.cin;
+    match w {
+        ConvWeights::Plain(w) if depthwise => depthwise_conv(c, s, x, w, bias, y),
+        ConvWeights::Panel(w) => gemm_conv(ker, c, s, x, w, bias, y, scratch),
+        ConvWeights::Plain(w) => direct_conv(c, s, x, w, bias, y),
+    }
+}
+
+fn gemm_conv(
+    ker: &GemmKernel,
+    c: &Conv,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
+    let k = s.cin * kh * kw;
+    let p = s.ho * s.wo;
+    let plane = s.h * s.w;
+    for b in 0..s.n {
+        let xb = &x[b * s.cin * plane..(b + 1) * s.cin * plane];
+        let yb = &mut y[b * s.cout * p..(b + 1) * s.cout * p];
+        if c.col_tile == 0 {
+            // Pointwise: A[pixel, ci] = x[ci·P + pixel] read in place.
+            gemm(
+                ker,
+                Gemm {
+                    m: p,
+                    n: s.cout,
+                    k,
+                    a: xb,
+                    a_rs: 1,
+                    a_cs: plane,
+                    b: w,
+                    c: yb,
+                    c_rs: 1,
+                    c_cs: p,
+                    bias,
+                    act: c.act,
+                },
+            );
+            continue;
+        }
+        let tile = c.col_tile as usize;
+        let mut p0 = 0;
+        while p0 < p {
+            let rows = tile.min(p - p0);
+            im2col(c, s, xb, p0, rows, &mut scratch[..rows * k]);
+            gemm(
+                ker,
+                Gemm {
+                    m: rows,
+                    n: s.cout,
+                    k,
+                    a: &scratch[..rows * k],
+                    a_rs: k,
+                    a_cs: 1,
+                    b: w,
+                    c: &mut yb[p0..],
+                    c_rs: 1,
+                    c_cs: p,
+                    bias,
+                    act: c.act,
+                },
+            );
+            p0 += rows;
+        }
+    }
+}
+
+/// Unrolls output pixels `p0..p0+rows` of one image into rows of `(ci, ky, kx)` patches.
+fn im2col(c: &Conv, s: &ConvShape, x: &[f32], p0: usize, rows: usize, out: &mut [f32]) {
+    let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
+    let k = s.cin * kh * kw;
+    for (r, row) in out.chunks_exact_mut(k).take(rows).enumerate() {
+        let (oy, ox) = ((p0 + r) / s.wo, (p0 + r) % s.wo);
+        let y0 = (oy * c.stride[0] as usize) as isize - c.pads[0] as isize;
+        let x0 = (ox * c.stride[1] as usize) as isize - c.pads[1] as isize;
+        let mut j = 0;
+        for ci in 0..s.cin {
+            let xp = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+            for ky in 0..kh {
+                let iy = y0 + (ky * c.dilation[0] as usize) as isize;
+                for kx in 0..kw {
+                    let ix = x0 + (kx * c.dilation[1] as usize) as isize;
+                    row[j] = if iy >= 0 && iy < s.h as isize && ix >= 0 && ix < s.w as isize {
+                        xp[iy as usize * s.w + ix as usize]
+                    } else {
+                        0.0
+                    };
+                    j += 1;
+                }
+            }
+        }
+    }
+}
+
+fn depthwise_conv(
+    c: &Conv,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
+    let (sh, sw) = (c.stride[0] as usize, c.stride[1] as usize);
+    let (dh, dw) = (c.dilation[0] as usize, c.dilation[1] as usize);
+    let (pt, pl) = (c.pads[0] as isize, c.pads[1] as isize);
+    let plane = s.h * s.w;
+    let p = s.ho * s.wo;
+    for b in 0..s.n {
+        for ch in 0..s.cin {
+            let xp = &x[(b * s.cin + ch) * plane..(b * s.cin + ch + 1) * plane];
+            let yp = &mut y[(b * s.cout + ch) * p..(b * s.cout + ch + 1) * p];
+            let wk = &w[ch * kh * kw..(ch + 1) * kh * kw];
+            let b0 = bias.map_or(0.0, |b| b[ch]);
+            for oy in 0..s.ho {
+                let y0 = (oy * sh) as isize - pt;
+                for ox in 0..s.wo {
+                    let x0 = (ox * sw) as isize - pl;
+                    let mut acc = 0.0f32;
+                    for ky in 0..kh {
+                        let iy = y0 + (ky * dh) as isize;
+                        if iy < 0 || iy >= s.h as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let ix = x0 + (kx * dw) as isize;
+                            if ix < 0 || ix >= s.w as isize {
+                                continue;
+                            }
+                            acc += xp[iy as usize * s.w + ix as usize] * wk[ky * kw + kx];
+                        }
+                    }
+                    yp[oy * s.wo + ox] = math::apply(&c.act, acc + b0);
+                }
+            }
+        }
+    }
+}
+
+/// The reference: a direct loop over plain weights, any grouping.
+pub fn direct_conv(
+    c: &Conv,
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let g = c.groups as usize;
+    let (cin_g, cout_g) = (s.cin / g, s.cout / g);
+    let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
+    let k = cin_g * kh * kw;
+    let plane = s.h * s.w;
+    let p = s.ho * s.wo;
+    for b in 0..s.n {
+        for co in 0..s.cout {
+            let gi = co / cout_g;
+            let wr = &w[co * k..(co + 1) * k];
+            let b0 = bias.map_or(0.0, |b| b[co]);
+            for oy in 0..s.ho {
+                let y0 = (oy * c.stride[0] as usize) as isize - c.pads[0] as isize;
+                for ox in 0..s.wo {
+                    let x0 = (ox * c.stride[1] as usize) as isize - c.pads[1] as isize;
+                    let mut acc = 0.0f32;
+                    for ci in 0..cin_g {
+                        let xp = &x[(b * s.cin + gi * cin_g + ci) * plane..][..plane];
+                        for ky in 0..kh {
+                            let iy = y0 + (ky * c.dilation[0] as usize) as isize;
+                            if iy < 0 || iy >= s.h as isize {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = x0 + (kx * c.dilation[1] as usize) as isize;
+                                if ix < 0 || ix >= s.w as isize {
+                                    continue;
+                                }
+                                acc += xp[iy as usize * s.w + ix as usize]
+                                    * wr[(ci * kh + ky) * kw + kx];
+                            }
+                        }
+                    }
+                    y[(b * s.cout + co) * p + oy * s.wo + ox] = math::apply(&c.act, acc + b0);
+                }
+            }
+        }
+    }
+}

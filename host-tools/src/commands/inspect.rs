@@ -1,0 +1,198 @@
+//! `edgetune inspect`: what a model file holds and what it costs.
+
+use std::collections::BTreeMap;
+
+use edgetune_core::ops::{macs, TensorMeta};
+use edgetune_core::{Model, Storage};
+use serde::Serialize;
+
+/// Bytes and tensor count of one encoding.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct EncodingBytes {
+    /// Tensors with this encoding.
+    pub tensors: usize,
+    /// Bytes they occupy.
+    pub bytes: u64,
+    /// Weights (logical elements) they hold.
+    pub elements: u64,
+}
+
+/// One op, for `--ops`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpLine {
+    /// Execution position.
+    pub index: u32,
+    /// Op name.
+    pub op: String,
+    /// Source node.
+    pub node: String,
+    /// Output shape.
+    pub output: String,
+    /// Multiply-accumulates.
+    pub macs: u64,
+}
+
+/// What `inspect` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// File size.
+    pub file_bytes: u64,
+    /// Graph inputs: name, type, shape.
+    pub inputs: Vec<(String, String, String)>,
+    /// Graph outputs.
+    pub outputs: Vec<(String, String, String)>,
+    /// Op count by name.
+    pub ops: BTreeMap<String, usize>,
+    /// Constant bytes per encoding.
+    pub encodings: BTreeMap<String, EncodingBytes>,
+    /// Arena bytes the plan needs.
+    pub arena_bytes: u64,
+    /// Most bytes live at one time: the floor for any plan.
+    pub arena_lower_bound: u64,
+    /// Total multiply-accumulates per run.
+    pub macs: u64,
+    /// Metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Per-op listing (with `--ops`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub op_list: Vec<OpLine>,
+}
+
+fn describe(m: &Model<'_>, id: u32) -> (String, String) {
+    let t = m.tensor(id);
+    (t.meta.dtype.name().to_string(), format!("{}", t.meta.shape))
+}
+
+/// Builds the report.
+pub fn report(m: &Model<'_>, with_ops: bool) -> Report {
+    let mut encodings: BTreeMap<String, EncodingBytes> = BTreeMap::new();
+    for id in 0..m.tensor_count() {
+        let t = m.tensor(id);
+        if t.meta.storage == Storage::Const {
+            let e = encodings
+                .entry(t.meta.encoding.name().to_string())
+                .or_default();
+            e.tensors += 1;
+            e.bytes += t.len;
+            e.elements += t.meta.shape.numel() as u64;
+        }
+    }
+    let mut ops = BTreeMap::new();
+    let mut total_macs = 0;
+    let mut op_list = Vec::new();
+    for op in m.ops() {
+        *ops.entry(op.op.name().to_string()).or_insert(0) += 1;
+        let ins: Vec<TensorMeta> = op.inputs().map(|t| m.tensor(t).meta).collect();
+        let outs: Vec<TensorMeta> = op.outputs().map(|t| m.tensor(t).meta).collect();
+        let n = macs(&op.op, &ins, &outs);
+        total_macs += n;
+        if with_ops {
+            op_list.push(OpLine {
+                index: op.index,
+                op: op.op.name().to_string(),
+                node: op.name.to_string(),
+                output: format!("{}", outs[0].shape),
+                macs: n,
+            });
+        }
+    }
+    let mut lower = 0;
+    for time in 0..=m.op_count() + 1 {
+        let live: u64 = (0..m.tensor_count())
+            .map(|i| m.tensor(i))
+            .filter(|t| {
+                t.meta.storage == Storage::Arena
+                    && t.alias_of.is_none()
+                    && t.live.0 <= time
+                    && time <= t.live.1
+            })
+            .map(|t| t.len)
+            .sum();
+        lower = lower.max(live);
+    }
+    Report {
+        file_bytes: m.file_len(),
+        inputs: m
+            .inputs()
+            .map(|io| {
+                let (d, s) = describe(m, io.tensor);
+                (io.name.to_string(), d, s)
+            })
+            .collect(),
+        outputs: m
+            .outputs()
+            .map(|io| {
+                let (d, s) = describe(m, io.tensor);
+                (io.name.to_string(), d, s)
+            })
+            .collect(),
+        ops,
+        encodings,
+        arena_bytes: m.arena_bytes(),
+        arena_lower_bound: lower,
+        macs: total_macs,
+        meta: m
+            .meta_entries()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        op_list,
+    }
+}
+
+/// Human-readable bytes.
+pub fn bytes(n: u64) -> String {
+    if n >= 10 << 20 {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 10 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Prints the report as text.
+pub fn print(r: &Report) {
+    println!(
+        "file        {} ({} bytes)",
+        bytes(r.file_bytes),
+        r.file_bytes
+    );
+    for (n, d, s) in &r.inputs {
+        println!("input       {n}: {d} {s}");
+    }
+    for (n, d, s) in &r.outputs {
+        println!("output      {n}: {d} {s}");
+    }
+    println!(
+        "arena       {} ({} bytes; lower bound {} bytes, waste {:.1}%)",
+        bytes(r.arena_bytes),
+        r.arena_bytes,
+        r.arena_lower_bound,
+        100.0 * (r.arena_bytes as f64 - r.arena_lower_bound as f64) / r.arena_bytes.max(1) as f64
+    );
+    println!(
+        "compute     {:.3} M multiply-accumulates per run",
+        r.macs as f64 / 1e6
+    );
+    println!("weights by encoding:");
+    for (e, b) in &r.encodings {
+        println!(
+            "  {e:<14} {:>4} tensors  {:>12} elements  {:>10}  ({:.2} bits/element)",
+            b.tensors,
+            b.elements,
+            bytes(b.bytes),
+            8.0 * b.bytes as f64 / b.elements.max(1) as f64
+        );
+    }
+    let ops: Vec<String> = r.ops.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+    println!("ops         {}", ops.join(", "));
+    for (k, v) in &r.meta {
+        println!("meta        {k} = {v}");
+    }
+    for o in &r.op_list {
+        println!(
+            "  #{:<4} {:<14} {:<40} -> {:<18} {:>12} MACs",
+            o.index, o.op, o.node, o.output, o.macs
+        );
+    }
+}

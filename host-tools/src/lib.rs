@@ -1,0 +1,12 @@
+//! The edgetune host tools: ONNX import through tract, graph passes, arena planning, packing to
+//! `.etm`, and the `edgetune` command line (inspect, run, eval, bench, demo).
+
+pub mod commands;
+pub mod import;
+pub mod ir;
+pub mod metrics;
+pub mod model_file;
+pub mod npy;
+pub mod pack;
+pub mod passes;
+pub mod runner;
