@@ -135,6 +135,16 @@ fn get_str<'a>(
 }
 
 impl<'a> Model<'a> {
+    /// Views bytes that already passed [`Model::from_bytes`], skipping the checksum and the
+    /// validation (a host running the same model many times pays for them once).
+    ///
+    /// # Safety
+    /// `bytes` must be byte-for-byte a buffer for which `from_bytes` returned `Ok`, at an address
+    /// with the same alignment guarantee; kernels index without checks on that promise.
+    pub unsafe fn from_validated_bytes(bytes: &'a [u8]) -> Model<'a> {
+        Self::parse(bytes).expect("bytes were validated before")
+    }
+
     /// Parses and fully validates a model.
     ///
     /// `bytes` must start at an address aligned to [`BUFFER_ALIGN`] (8) so weights can be used in
@@ -174,7 +184,21 @@ impl<'a> Model<'a> {
                 computed,
             });
         }
+        let model = Self::parse(bytes)?;
+        model.validate()?;
+        Ok(model)
+    }
 
+    /// Locates the sections of a file whose header, length and checksum were checked.
+    fn parse(bytes: &'a [u8]) -> Result<Model<'a>, FormatError> {
+        let (header, _) =
+            FileHeader::ref_from_prefix(bytes).map_err(|_| FormatError::Truncated {
+                place: Place::Header,
+                needed: 64,
+                available: bytes.len() as u64,
+            })?;
+        let file_len = header.file_len.get().min(bytes.len() as u64);
+        let bytes = &bytes[..file_len as usize];
         let n_sections = header.section_count.get() as u64;
         let table_len = n_sections.saturating_mul(24);
         if 64 + table_len > file_len {
@@ -254,7 +278,6 @@ impl<'a> Model<'a> {
                 problem: SectionProblem::Missing,
             })?,
         };
-        model.validate()?;
         Ok(model)
     }
 

@@ -141,7 +141,7 @@ pub(crate) fn run_op(
                 None => &mut [],
             };
             conv2d(
-                &kernels.gemm,
+                kernels,
                 c,
                 &s,
                 cx.input(op.input(0)),
@@ -164,7 +164,7 @@ pub(crate) fn run_op(
             };
             let bias = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
             dense(
-                &kernels.gemm,
+                kernels,
                 cx.input(op.input(0)),
                 xs.numel() / k,
                 k,
@@ -349,7 +349,7 @@ fn run_matmul(cx: &Ctx<'_, '_>, mm: &MatMul, op: &OpInfo<'_>) {
     let (a, b, y) = (op.input(0), op.input(1), op.output(0));
     let scratch = cx.output::<f32>(op.scratch.expect("validated: matmul has scratch"));
     matmul(
-        &cx.kernels.gemm,
+        cx.kernels,
         mm,
         cx.input(a),
         &cx.shape(a),

@@ -46,13 +46,26 @@ pub fn apply(act: &Activation, x: f32) -> f32 {
     }
 }
 
-/// Applies an element-wise function to a slice in place.
+/// Applies an element-wise function to a slice in place (same results as [`apply`]).
 pub fn apply_slice(act: &Activation, xs: &mut [f32]) {
+    // One dispatch per slice: each loop body is a plain function the compiler can inline.
+    fn each(xs: &mut [f32], f: impl Fn(f32) -> f32) {
+        xs.iter_mut().for_each(|x| *x = f(*x));
+    }
+    let (a, b) = (act.a, act.b);
     match act.kind {
         ActKind::Identity => {}
-        ActKind::Relu => xs.iter_mut().for_each(|x| *x = relu(*x)),
-        ActKind::Clip => xs.iter_mut().for_each(|x| *x = clip(*x, act.a, act.b)),
-        _ => xs.iter_mut().for_each(|x| *x = apply(act, *x)),
+        ActKind::Relu => each(xs, relu),
+        ActKind::Clip => each(xs, |x| clip(x, a, b)),
+        ActKind::HardSigmoid => each(xs, |x| hard_sigmoid(x, a, b)),
+        ActKind::HardSwish => each(xs, |x| x * hard_sigmoid(x, a, b)),
+        ActKind::Sigmoid => each(xs, sigmoid),
+        ActKind::Gelu => each(xs, |x| {
+            0.5 * x * (1.0 + libm::erff(x * core::f32::consts::FRAC_1_SQRT_2))
+        }),
+        ActKind::Square => each(xs, |x| x * x),
+        ActKind::Neg => each(xs, |x| -x),
+        _ => each(xs, |x| apply(act, x)),
     }
 }
 

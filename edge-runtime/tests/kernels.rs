@@ -145,7 +145,7 @@ fn conv_paths_match_direct_reference() {
             let mut scratch = vec![0.0; k * col_tile as usize];
             let packed = panels(&wt, cout, k);
             conv2d(
-                &kernels.gemm,
+                &kernels,
                 &c,
                 &s,
                 &x,
@@ -222,7 +222,7 @@ fn depthwise_and_grouped_match_direct_reference() {
         }
         let mut got = vec![0.0; want.len()];
         conv2d(
-            &Kernels::best().gemm,
+            &Kernels::best(),
             &c,
             &s,
             &x,
@@ -233,6 +233,86 @@ fn depthwise_and_grouped_match_direct_reference() {
         );
         close(&got, &want, 1e-5, &format!("grouped case {case}"));
     }
+}
+
+#[test]
+fn depthwise_matches_direct_reference_on_random_geometry() {
+    let mut r = Rng(17);
+    let mut checked = 0;
+    for case in 0..400 {
+        let ch = r.range(1, 5);
+        let (h, w) = (r.range(1, 12), r.range(1, 12));
+        let kernel = [r.range(1, 5) as u32, r.range(1, 5) as u32];
+        let stride = [r.range(1, 3) as u32, r.range(1, 3) as u32];
+        let dilation = [r.range(1, 2) as u32, r.range(1, 2) as u32];
+        let pads = [0, 1, 2, 3].map(|_| r.below(3) as u32);
+        let Some(ho) = edgetune_core::ops::window_out(
+            h as u32,
+            kernel[0],
+            stride[0],
+            pads[0],
+            pads[2],
+            dilation[0],
+        ) else {
+            continue;
+        };
+        let Some(wo) = edgetune_core::ops::window_out(
+            w as u32,
+            kernel[1],
+            stride[1],
+            pads[1],
+            pads[3],
+            dilation[1],
+        ) else {
+            continue;
+        };
+        let act = if case % 2 == 0 {
+            Activation::NONE
+        } else {
+            Activation {
+                kind: ActKind::HardSwish,
+                a: 1.0 / 6.0,
+                b: 0.5,
+            }
+        };
+        let c = Conv {
+            kernel,
+            stride,
+            pads,
+            dilation,
+            groups: ch as u32,
+            act,
+            col_tile: 0,
+        };
+        let s = ConvShape {
+            n: 2,
+            cin: ch,
+            h,
+            w,
+            cout: ch,
+            ho: ho as usize,
+            wo: wo as usize,
+        };
+        let x = r.vec(2 * ch * h * w);
+        let wt = r.vec(ch * (kernel[0] * kernel[1]) as usize);
+        let bias = r.vec(ch);
+        let mut want = vec![0.0; 2 * ch * s.ho * s.wo];
+        direct_conv(&c, &s, &x, &wt, Some(&bias), &mut want);
+        let mut got = vec![f32::NAN; want.len()];
+        conv2d(
+            &Kernels::best(),
+            &c,
+            &s,
+            &x,
+            ConvWeights::Plain(&wt),
+            Some(&bias),
+            &mut got,
+            &mut [],
+        );
+        close(&got, &want, 1e-5, &format!("depthwise case {case}"));
+        checked += 1;
+    }
+    assert!(checked > 200);
 }
 
 #[test]
@@ -258,7 +338,7 @@ fn dense_panel_matches_plain() {
         for kernels in [Kernels::reference(), Kernels::best()] {
             let mut got = vec![0.0; m * n];
             dense(
-                &kernels.gemm,
+                &kernels,
                 &x,
                 m,
                 k,
@@ -271,7 +351,7 @@ fn dense_panel_matches_plain() {
             close(&got, &want, 1e-5, &format!("dense panel {case}"));
             let mut got = vec![0.0; m * n];
             dense(
-                &kernels.gemm,
+                &kernels,
                 &x,
                 m,
                 k,
@@ -335,7 +415,7 @@ fn strided_batched_matmul_matches_naive() {
             let mut got = vec![0.0; want.len()];
             let mut scratch = vec![0.0; packed_len(k, n)];
             matmul(
-                &kernels.gemm,
+                &kernels,
                 &mm,
                 &a,
                 &as_,

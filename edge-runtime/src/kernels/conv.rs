@@ -7,7 +7,8 @@
 
 use edgetune_core::ops::Conv;
 
-use super::gemm::{gemm, Gemm, GemmKernel};
+use super::gemm::{gemm_with_threads, Gemm};
+use super::Kernels;
 use crate::math;
 
 /// A convolution's weights as stored.
@@ -40,7 +41,7 @@ pub struct ConvShape {
 
 /// Runs a convolution. `scratch` must hold the im2col tile when `c.col_tile > 0`.
 pub fn conv2d(
-    ker: &GemmKernel,
+    ker: &Kernels,
     c: &Conv,
     s: &ConvShape,
     x: &[f32],
@@ -58,7 +59,7 @@ pub fn conv2d(
 }
 
 fn gemm_conv(
-    ker: &GemmKernel,
+    ker: &Kernels,
     c: &Conv,
     s: &ConvShape,
     x: &[f32],
@@ -76,8 +77,9 @@ fn gemm_conv(
         let yb = &mut y[b * s.cout * p..(b + 1) * s.cout * p];
         if c.col_tile == 0 {
             // Pointwise: A[pixel, ci] = x[ci·P + pixel] read in place.
-            gemm(
-                ker,
+            gemm_with_threads(
+                &ker.gemm,
+                ker.threads,
                 Gemm {
                     m: p,
                     n: s.cout,
@@ -100,8 +102,9 @@ fn gemm_conv(
         while p0 < p {
             let rows = tile.min(p - p0);
             im2col(c, s, xb, p0, rows, &mut scratch[..rows * k]);
-            gemm(
-                ker,
+            gemm_with_threads(
+                &ker.gemm,
+                ker.threads,
                 Gemm {
                     m: rows,
                     n: s.cout,
@@ -163,6 +166,31 @@ fn depthwise_conv(
     let (pt, pl) = (c.pads[0] as isize, c.pads[1] as isize);
     let plane = s.h * s.w;
     let p = s.ho * s.wo;
+    // Output columns whose input column `ox·sw + kx·dw − pl` is inside the row, per kx.
+    let mut cols = [(0usize, 0usize); 16];
+    let col_range = |kx: usize| -> (usize, usize) {
+        let off = (kx * dw) as isize - pl;
+        let lo = if off >= 0 {
+            0
+        } else {
+            ((-off) as usize).div_ceil(sw)
+        }
+        .min(s.wo);
+        let hi = if (s.w as isize) <= off {
+            0
+        } else {
+            ((s.w as isize - off) as usize).div_ceil(sw).min(s.wo)
+        };
+        (lo, hi.max(lo))
+    };
+    let ranges: &[(usize, usize)] = if kw <= cols.len() {
+        for (kx, r) in cols.iter_mut().enumerate().take(kw) {
+            *r = col_range(kx);
+        }
+        &cols[..kw]
+    } else {
+        &[]
+    };
     for b in 0..s.n {
         for ch in 0..s.cin {
             let xp = &x[(b * s.cin + ch) * plane..(b * s.cin + ch + 1) * plane];
@@ -170,25 +198,41 @@ fn depthwise_conv(
             let wk = &w[ch * kh * kw..(ch + 1) * kh * kw];
             let b0 = bias.map_or(0.0, |b| b[ch]);
             for oy in 0..s.ho {
-                let y0 = (oy * sh) as isize - pt;
-                for ox in 0..s.wo {
-                    let x0 = (ox * sw) as isize - pl;
-                    let mut acc = 0.0f32;
-                    for ky in 0..kh {
-                        let iy = y0 + (ky * dh) as isize;
-                        if iy < 0 || iy >= s.h as isize {
+                let out = &mut yp[oy * s.wo..(oy + 1) * s.wo];
+                out.iter_mut().for_each(|v| *v = b0);
+                for ky in 0..kh {
+                    let iy = (oy * sh + ky * dh) as isize - pt;
+                    if iy < 0 || iy >= s.h as isize {
+                        continue;
+                    }
+                    let row = &xp[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    for kx in 0..kw {
+                        let wv = wk[ky * kw + kx];
+                        let (lo, hi) = if ranges.is_empty() {
+                            col_range(kx)
+                        } else {
+                            ranges[kx]
+                        };
+                        let base = (kx * dw) as isize - pl;
+                        if lo == hi {
                             continue;
                         }
-                        for kx in 0..kw {
-                            let ix = x0 + (kx * dw) as isize;
-                            if ix < 0 || ix >= s.w as isize {
-                                continue;
+                        if sw == 1 {
+                            // Contiguous: the compiler vectorises this.
+                            let start = (lo as isize + base) as usize;
+                            for (o, &v) in
+                                out[lo..hi].iter_mut().zip(&row[start..start + (hi - lo)])
+                            {
+                                *o += wv * v;
                             }
-                            acc += xp[iy as usize * s.w + ix as usize] * wk[ky * kw + kx];
+                        } else {
+                            for (ox, o) in out.iter_mut().enumerate().take(hi).skip(lo) {
+                                *o += wv * row[((ox * sw) as isize + base) as usize];
+                            }
                         }
                     }
-                    yp[oy * s.wo + ox] = math::apply(&c.act, acc + b0);
                 }
+                math::apply_slice(&c.act, out);
             }
         }
     }

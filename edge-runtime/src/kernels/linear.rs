@@ -3,7 +3,8 @@
 use edgetune_core::ops::MatMul;
 use edgetune_core::{Activation, Shape, MAX_RANK};
 
-use super::gemm::{gemm, pack_b, Gemm, GemmKernel};
+use super::gemm::{gemm_with_threads, pack_b, Gemm};
+use super::Kernels;
 use crate::math;
 
 /// A dense layer's weights as stored (`[N, K]`).
@@ -18,7 +19,7 @@ pub enum DenseWeights<'a> {
 /// `y[m, n] = act(Σ_k x[m, k] · w[n, k] + bias[n])`.
 #[allow(clippy::too_many_arguments)]
 pub fn dense(
-    ker: &GemmKernel,
+    ker: &Kernels,
     x: &[f32],
     m: usize,
     k: usize,
@@ -29,8 +30,9 @@ pub fn dense(
     y: &mut [f32],
 ) {
     match w {
-        DenseWeights::Panel(w) => gemm(
-            ker,
+        DenseWeights::Panel(w) => gemm_with_threads(
+            &ker.gemm,
+            ker.threads,
             Gemm {
                 m,
                 n,
@@ -64,7 +66,7 @@ pub fn dense(
 /// holds one packed `b` matrix.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
-    ker: &GemmKernel,
+    ker: &Kernels,
     mm: &MatMul,
     a: &[f32],
     a_shape: &Shape,
@@ -117,8 +119,9 @@ pub fn matmul(
             );
             packed_at = off[1];
         }
-        gemm(
-            ker,
+        gemm_with_threads(
+            &ker.gemm,
+            ker.threads,
             Gemm {
                 m,
                 n,

@@ -23,6 +23,8 @@ pub mod pool;
 pub struct Kernels {
     /// f32 matrix-multiply micro-kernel.
     pub gemm: gemm::GemmKernel,
+    /// Threads large kernels may use (with the `std` feature; 1 otherwise).
+    pub threads: usize,
 }
 
 impl Kernels {
@@ -30,17 +32,27 @@ impl Kernels {
     pub fn reference() -> Kernels {
         Kernels {
             gemm: gemm::generic::KERNEL,
+            threads: 1,
         }
     }
 
-    /// The fastest kernels this CPU supports (runtime detection with `std`, compile-time target
-    /// features without).
+    /// The same kernels with a thread budget (used with the `std` feature).
+    pub fn with_threads(self, threads: usize) -> Kernels {
+        Kernels {
+            threads: threads.max(1),
+            ..self
+        }
+    }
+
+    /// The fastest kernels this CPU supports, on one thread (runtime detection with `std`,
+    /// compile-time target features without).
     pub fn best() -> Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             if x86_64_has_avx2_fma() {
                 return Kernels {
                     gemm: gemm::x86_64::KERNEL,
+                    threads: 1,
                 };
             }
         }
@@ -49,6 +61,7 @@ impl Kernels {
             // NEON is part of the aarch64 baseline.
             return Kernels {
                 gemm: gemm::aarch64::KERNEL,
+                threads: 1,
             };
         }
         #[allow(unreachable_code)]

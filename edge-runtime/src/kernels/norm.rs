@@ -101,6 +101,62 @@ pub fn reduce<T: Reducible>(kind: ReduceKind, x: &[T], xs: &Shape, axes: u32, ou
         ReduceKind::Prod => T::ONE,
     };
     out.iter_mut().for_each(|v| *v = init);
+    let r = xs.rank();
+    // Fast path: the reduced axes form one contiguous block, so x is [outer, red, inner].
+    let first = axes.trailing_zeros() as usize;
+    let count_axes = axes.count_ones() as usize;
+    if axes >> first == (1u32 << count_axes) - 1 {
+        let (outer, red, inner) = (
+            xs.prod(0, first),
+            xs.prod(first, first + count_axes),
+            xs.prod(first + count_axes, r),
+        );
+        for o in 0..outer {
+            let acc = &mut out[o * inner..(o + 1) * inner];
+            for j in 0..red {
+                let row = &x[(o * red + j) * inner..(o * red + j + 1) * inner];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a = step(kind, *a, v);
+                }
+            }
+        }
+    } else {
+        general_reduce(kind, x, xs, axes, out);
+    }
+    if kind == ReduceKind::Mean {
+        let count: usize = (0..r)
+            .filter(|i| axes & (1 << i) != 0)
+            .map(|i| xs.dim(i))
+            .product();
+        out.iter_mut().for_each(|v| *v = v.div_count(count));
+    }
+}
+
+#[inline]
+fn step<T: Reducible>(kind: ReduceKind, acc: T, v: T) -> T {
+    match kind {
+        ReduceKind::Sum | ReduceKind::Mean => T::add(acc, v),
+        ReduceKind::SumSquare => T::add(acc, T::mul(v, v)),
+        ReduceKind::Max => {
+            if v > acc || v.partial_cmp(&v).is_none() {
+                v
+            } else {
+                acc
+            }
+        }
+        ReduceKind::Min => {
+            if v < acc || v.partial_cmp(&v).is_none() {
+                v
+            } else {
+                acc
+            }
+        }
+        ReduceKind::Prod => T::mul(acc, v),
+    }
+}
+
+/// Any set of axes: walks the input once, accumulating into the output element it maps to.
+fn general_reduce<T: Reducible>(kind: ReduceKind, x: &[T], xs: &Shape, axes: u32, out: &mut [T]) {
     // Output strides in input coordinates: 0 along reduced axes.
     let r = xs.rank();
     let mut ostride = [0usize; MAX_RANK];
@@ -114,26 +170,7 @@ pub fn reduce<T: Reducible>(kind: ReduceKind, x: &[T], xs: &Shape, axes: u32, ou
     let mut idx = [0usize; MAX_RANK];
     let mut o = 0usize;
     for &v in x {
-        let slot = &mut out[o];
-        *slot = match kind {
-            ReduceKind::Sum | ReduceKind::Mean => T::add(*slot, v),
-            ReduceKind::SumSquare => T::add(*slot, T::mul(v, v)),
-            ReduceKind::Max => {
-                if v > *slot || v.partial_cmp(&v).is_none() {
-                    v
-                } else {
-                    *slot
-                }
-            }
-            ReduceKind::Min => {
-                if v < *slot || v.partial_cmp(&v).is_none() {
-                    v
-                } else {
-                    *slot
-                }
-            }
-            ReduceKind::Prod => T::mul(*slot, v),
-        };
+        out[o] = step(kind, out[o], v);
         let mut d = r;
         while d > 0 {
             d -= 1;
@@ -145,12 +182,5 @@ pub fn reduce<T: Reducible>(kind: ReduceKind, x: &[T], xs: &Shape, axes: u32, ou
             o -= ostride[d] * xs.dim(d);
             idx[d] = 0;
         }
-    }
-    if kind == ReduceKind::Mean {
-        let count: usize = (0..r)
-            .filter(|i| axes & (1 << i) != 0)
-            .map(|i| xs.dim(i))
-            .product();
-        out.iter_mut().for_each(|v| *v = v.div_count(count));
     }
 }

@@ -90,6 +90,9 @@ pub struct RunArgs {
     /// Use the scalar reference kernels.
     #[arg(long)]
     pub reference_kernels: bool,
+    /// Threads for large kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// `edgetune eval`.
@@ -113,6 +116,9 @@ pub struct EvalArgs {
     /// Use the scalar reference kernels.
     #[arg(long)]
     pub reference_kernels: bool,
+    /// Threads for large kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -186,6 +192,18 @@ pub fn load_data(ours: &Ours, args: &[String]) -> Result<Vec<Array>> {
         .collect()
 }
 
+/// The kernels a command asked for.
+fn kernels(reference: bool, threads: Option<usize>) -> Kernels {
+    let k = if reference {
+        Kernels::reference()
+    } else {
+        Kernels::best()
+    };
+    k.with_threads(
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    )
+}
+
 /// Runs a command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -226,9 +244,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Run(a) => {
             let mut ours = Ours::load(&a.model)?;
-            if a.reference_kernels {
-                ours.kernels = Kernels::reference();
-            }
+            ours.kernels = kernels(a.reference_kernels, a.threads);
             let data = load_data(&ours, &a.inputs)?;
             let (batches, n) = crate::runner::batches(&ours.inputs(), &data)?;
             let outs = eval::collect(&batches, n, |b| ours.run(b))?;
@@ -251,9 +267,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(a) => {
             let mut ours = Ours::load(&a.model)?;
-            if a.reference_kernels {
-                ours.kernels = Kernels::reference();
-            }
+            ours.kernels = kernels(a.reference_kernels, a.threads);
             // Without data, one batch of deterministic pseudo-random inputs checks agreement.
             let data = if a.data.is_empty() {
                 random_inputs(&ours)

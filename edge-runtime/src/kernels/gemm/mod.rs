@@ -155,6 +155,16 @@ const PAR_MIN_MACS: usize = 1 << 20;
 /// Panics if an operand slice is shorter than its extents say (callers derive them from a
 /// validated model, so this is a bug, not bad input).
 pub fn gemm(ker: &GemmKernel, g: Gemm<'_>) {
+    #[cfg(feature = "std")]
+    let threads = rayon::current_num_threads();
+    #[cfg(not(feature = "std"))]
+    let threads = 1;
+    gemm_with_threads(ker, threads, g)
+}
+
+/// [`gemm`] with an explicit thread budget: 1 keeps the product on the calling thread; more
+/// lets large products split across the current rayon pool (with the `std` feature).
+pub fn gemm_with_threads(ker: &GemmKernel, threads: usize, g: Gemm<'_>) {
     let Gemm {
         m,
         n,
@@ -200,10 +210,12 @@ pub fn gemm(ker: &GemmKernel, g: Gemm<'_>) {
     let panels = n.div_ceil(NR);
     #[cfg(feature = "std")]
     {
-        if run_parallel(&job, m, panels) {
+        if threads > 1 && run_parallel(&job, m, panels, threads) {
             return;
         }
     }
+    #[cfg(not(feature = "std"))]
+    let _ = threads;
     // SAFETY: the whole product lies within the slices checked above, and `c` is borrowed
     // mutably for this call, so nothing else writes it.
     unsafe { job.run(0, m, 0, panels) };
@@ -333,10 +345,9 @@ fn is_injective(m: usize, n: usize, rs: usize, cs: usize) -> bool {
 /// Splits a large product across the current rayon pool; returns false (and does nothing) when
 /// it should run on this thread instead.
 #[cfg(feature = "std")]
-fn run_parallel(job: &Job, m: usize, panels: usize) -> bool {
+fn run_parallel(job: &Job, m: usize, panels: usize, threads: usize) -> bool {
     use rayon::prelude::*;
 
-    let threads = rayon::current_num_threads();
     let macs = m.saturating_mul(job.n).saturating_mul(job.k);
     if threads <= 1 || macs < PAR_MIN_MACS || !is_injective(m, job.n, job.c_rs, job.c_cs) {
         return false;
