@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cross-builds the runtime's test suite for aarch64 Linux (phones, Raspberry Pi) and runs it under
 # qemu-aarch64, so the NEON kernels are tested against the scalar reference on every CI run.
-# The gemm test asserts that `Kernels::best()` picked the NEON kernel there.
+# Unit and integration tests (rustdoc cannot cross-run doctests with build-std). The gemm test asserts that `Kernels::best()` picked the NEON kernel there.
 #
 # Uses Debian's /usr/bin/cargo + /usr/bin/rustc with -Zbuild-std (see setup-cross.sh); override
 # with CROSS_CARGO / CROSS_RUSTC. Extra arguments go to cargo test (e.g. `--release`).
@@ -23,4 +23,4 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 cd "$ROOT"
 set -x
 "$CARGO" test -Zbuild-std=std,panic_abort --target aarch64-unknown-linux-gnu \
-    --target-dir "$ROOT/target/cross" -p edgetune-runtime --features std "$@"
+    --target-dir "$ROOT/target/cross" -p edgetune-runtime --features std --tests "$@"
