@@ -9,8 +9,10 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod adapter;
 pub mod error;
 pub mod format;
+pub mod layout;
 pub mod model;
 pub mod ops;
 pub mod tensor;

@@ -426,8 +426,10 @@ impl<'a> Model<'a> {
                 what: "zero-sized dimension",
             });
         }
+        // Arena tensors carry no encoding parameters (an alias keeps its owner's id there).
+        let params = if meta.storage == Storage::Const { t.params.map(|p| p.get()) } else { [0; 4] };
         let expect =
-            encoded_len(meta.dtype, meta.encoding, &meta.shape).ok_or(FormatError::BadShape {
+            encoded_len(meta.dtype, meta.encoding, &meta.shape, params).ok_or(FormatError::BadShape {
                 place,
                 what: "encoding does not fit dtype and shape",
             })?;
@@ -546,7 +548,9 @@ impl<'a> Model<'a> {
                 })
             }
         };
+        let params = if t.storage == storage::CONST { t.params.map(|p| p.get()) } else { [0; 4] };
         Ok(TensorMeta {
+            params,
             dtype,
             encoding,
             shape,
@@ -600,6 +604,7 @@ impl<'a> Model<'a> {
         let op = Op::decode(r.code.get(), &words[..al as usize], place)?;
         let ids = &self.op_tensors[io_start as usize..io_start as usize + ni + no];
         let blank = TensorMeta {
+            params: [0; 4],
             dtype: DType::F32,
             encoding: Encoding::Plain,
             shape: Shape::scalar(),

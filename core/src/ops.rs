@@ -812,6 +812,8 @@ pub struct TensorMeta {
     pub shape: Shape,
     /// Where the bytes are.
     pub storage: Storage,
+    /// Encoding parameters (constants with a compressed encoding; zero otherwise).
+    pub params: [u32; 4],
 }
 
 /// NumPy broadcast of two shapes, `None` when incompatible.
@@ -858,26 +860,43 @@ pub fn window_out(
 
 /// Scratch bytes an op needs in the arena besides its inputs and outputs.
 pub fn scratch_bytes(op: &Op, inputs: &[TensorMeta]) -> u64 {
+    // Saturating: a file claiming absurd sizes gets a need no tensor can meet.
+    let prod = |xs: &[u64]| xs.iter().fold(1u64, |a, &b| a.saturating_mul(b));
     match op {
-        // Saturating: a file claiming absurd sizes gets a need no tensor can meet.
         Op::Conv(c) if c.col_tile > 0 => {
             let x = &inputs[0].shape;
-            let cin_g = x.dims()[1] as u64 / c.groups as u64;
-            [c.kernel[0] as u64, c.kernel[1] as u64, c.col_tile as u64, 4]
-                .iter()
-                .fold(cin_g, |a, &b| a.saturating_mul(b))
+            let k = prod(&[x.dims()[1] as u64 / c.groups as u64, c.kernel[0] as u64, c.kernel[1] as u64]);
+            let im2col = prod(&[k, c.col_tile as u64, 4]);
+            let q8 = if int8_rows(&inputs[1]) { prod(&[c.col_tile as u64, q8_row_bytes(k)]) } else { 0 };
+            im2col.saturating_add(q8)
+        }
+        Op::Dense(_) if int8_rows(&inputs[1]) => {
+            let x = &inputs[0].shape;
+            let k = x.dims()[x.rank() - 1] as u64;
+            let rows = (x.numel() as u64 / k.max(1)).min(Q8_CHUNK_ROWS as u64);
+            prod(&[rows, q8_row_bytes(k)])
         }
         Op::MatMul(m) => {
             let b = &inputs[1].shape;
-            let (k, n) = (
-                b.dims()[m.b_k as usize] as u64,
-                b.dims()[m.b_n as usize] as u64,
-            );
-            k.saturating_mul(n.div_ceil(PANEL as u64) * PANEL as u64)
-                .saturating_mul(4)
+            let (k, n) = (b.dims()[m.b_k as usize] as u64, b.dims()[m.b_n as usize] as u64);
+            prod(&[k, n.div_ceil(PANEL as u64) * PANEL as u64, 4])
         }
         _ => 0,
     }
+}
+
+/// Rows of activations quantized to int8 at a time by dense layers (bounds their scratch).
+pub const Q8_CHUNK_ROWS: usize = 64;
+
+/// Bytes of one int8-quantized activation row of `k` inputs: `Kp` codes then `Kp/32` f32 scales.
+pub fn q8_row_bytes(k: u64) -> u64 {
+    let kp = k.div_ceil(32).saturating_mul(32);
+    kp.saturating_add(kp / 32 * 4)
+}
+
+/// True when a weight asks for int8-quantized activation rows.
+fn int8_rows(w: &TensorMeta) -> bool {
+    w.encoding == Encoding::QBlock && w.params[3] & crate::layout::QFLAG_INT8_ACTIVATIONS != 0
 }
 
 /// True when a convolution is depthwise (one input channel per output channel).
@@ -956,11 +975,14 @@ pub fn check(
         y.storage == Storage::Arena,
         "outputs must live in the arena",
     )?;
-    for t in inputs {
+    for (i, t) in inputs.iter().enumerate() {
+        // Weights of dense layers and convolutions, and embedding tables (gathered by row).
+        let weight = matches!(op, Op::Conv(_) | Op::Dense(_)) && i == 1;
+        let table = matches!(op, Op::Gather { axis: 0 }) && i == 0 && t.encoding == Encoding::QBlock;
         need_dtype(
             place,
-            t.encoding == Encoding::Plain || matches!(op, Op::Conv(_) | Op::Dense(_)),
-            "only weights may be encoded",
+            t.encoding == Encoding::Plain || weight || table,
+            "only weights and embedding tables may be encoded",
         )?;
     }
     let bad_attr = |what| FormatError::BadAttribute { place, what };
@@ -1000,6 +1022,9 @@ pub fn check(
                     "grouped conv weights are plain",
                 )?;
             }
+            // Dot-product kernels (block-quantized, sparse) read activation rows contiguous in K,
+            // so those weights always go through an im2col tile.
+            let needs_rows = matches!(w.encoding, Encoding::QBlock | Encoding::SparseNM);
             let ho = window_out(
                 x.shape.dims()[2],
                 c.kernel[0],
@@ -1023,10 +1048,22 @@ pub fn check(
             need(place, expect == Some(y.shape), "conv output shape")?;
             let pointwise = c.kernel == [1, 1] && c.stride == [1, 1] && c.pads == [0; 4];
             let dw = is_depthwise(c, &x.shape, cout);
-            if pointwise || dw {
+            if dw {
+                need_dtype(place, w.encoding == Encoding::Plain, "depthwise weights are plain")?;
+            }
+            // Plain weights run the direct kernel; panels read pointwise inputs in place; every
+            // other convolution unrolls tiles of output pixels.
+            let tiled = match w.encoding {
+                Encoding::Plain => false,
+                Encoding::PanelF32 | Encoding::PanelF16 => !pointwise,
+                _ => true,
+            };
+            if !tiled {
                 if c.col_tile != 0 {
                     return Err(bad_attr("this conv takes no im2col tile"));
                 }
+            } else if needs_rows && c.groups != 1 {
+                return Err(bad_attr("compressed conv weights need groups = 1"));
             } else if c.col_tile == 0 || c.col_tile as u64 > ho as u64 * wo as u64 {
                 return Err(bad_attr("im2col tile must be in 1..=output pixels"));
             }

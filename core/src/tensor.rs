@@ -78,6 +78,13 @@ pub enum Encoding {
     /// `p` holds, for each `k`, the 16 values `w[16p + j][k]`, zero-padded past `N`. This is the
     /// layout the f32 GEMM micro-kernels stream.
     PanelF32 = 1,
+    /// [`Encoding::PanelF32`] with f16 values (half the bytes, converted in registers).
+    PanelF16 = 2,
+    /// Block-quantized codes with lookup tables and group scales (int8, int4, ternary, binary,
+    /// codebooks): see [`crate::layout::QBlockLayout`].
+    QBlock = 3,
+    /// N:M structured sparsity, f16 values: see [`crate::layout::SparseLayout`].
+    SparseNM = 4,
 }
 
 impl Encoding {
@@ -86,6 +93,9 @@ impl Encoding {
         Some(match code {
             0 => Encoding::Plain,
             1 => Encoding::PanelF32,
+            2 => Encoding::PanelF16,
+            3 => Encoding::QBlock,
+            4 => Encoding::SparseNM,
             _ => return None,
         })
     }
@@ -95,7 +105,15 @@ impl Encoding {
         match self {
             Encoding::Plain => "plain",
             Encoding::PanelF32 => "f32-panel16",
+            Encoding::PanelF16 => "f16-panel16",
+            Encoding::QBlock => "qblock",
+            Encoding::SparseNM => "sparse-n:m",
         }
+    }
+
+    /// True for the layouts of `[N, K]` weight matrices read by dense and convolution kernels.
+    pub fn is_weight_layout(self) -> bool {
+        self != Encoding::Plain
     }
 }
 
@@ -228,18 +246,31 @@ impl Shape {
 }
 
 /// Bytes a tensor occupies in the file or arena, or `None` when the encoding does not apply to
-/// this dtype and shape, or the size overflows.
-pub fn encoded_len(dtype: DType, encoding: Encoding, shape: &Shape) -> Option<u64> {
-    match encoding {
-        Encoding::Plain => shape.checked_numel()?.checked_mul(dtype.size() as u64),
+/// this dtype, shape and parameters, or the size overflows.
+pub fn encoded_len(dtype: DType, encoding: Encoding, shape: &Shape, params: [u32; 4]) -> Option<u64> {
+    if encoding == Encoding::Plain {
+        return shape.checked_numel()?.checked_mul(dtype.size() as u64);
+    }
+    if dtype != DType::F32 || shape.rank() != 2 {
+        return None;
+    }
+    let (n, k) = (shape.dims()[0] as usize, shape.dims()[1] as usize);
+    let len = match encoding {
+        Encoding::Plain => unreachable!(),
         Encoding::PanelF32 => {
-            if dtype != DType::F32 || shape.rank() != 2 {
+            if params != [0; 4] {
                 return None;
             }
-            let n = shape.dims()[0] as u64;
-            let k = shape.dims()[1] as u64;
-            let panels = n.div_ceil(PANEL as u64);
-            panels.checked_mul(k)?.checked_mul(PANEL as u64 * 4)
+            n.div_ceil(PANEL).checked_mul(k)?.checked_mul(PANEL * 4)?
         }
-    }
+        Encoding::PanelF16 => {
+            if params != [0; 4] {
+                return None;
+            }
+            crate::layout::panel_f16_len(n, k)?
+        }
+        Encoding::QBlock => crate::layout::QBlockLayout::new(n, k, params)?.len,
+        Encoding::SparseNM => crate::layout::SparseLayout::new(n, k, params)?.len,
+    };
+    Some(len as u64)
 }

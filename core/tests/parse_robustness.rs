@@ -172,6 +172,7 @@ impl Graph {
     fn meta_of(&self, id: u32) -> TensorMeta {
         let t = &self.f.tensors[id as usize];
         TensorMeta {
+            params: t.params,
             dtype: t.dtype,
             encoding: t.encoding,
             shape: t.shape,
@@ -1420,7 +1421,7 @@ fn mutated_files_never_panic() {
                         let Some(sh) = Shape::from_stored(t.rank, dims) else {
                             continue;
                         };
-                        let Some(new_len) = edgetune_core::tensor::encoded_len(dtype, enc, &sh)
+                        let Some(new_len) = edgetune_core::tensor::encoded_len(dtype, enc, &sh, [0; 4])
                         else {
                             continue;
                         };

@@ -35,6 +35,11 @@ pub enum RunError {
         /// Elements given.
         found: usize,
     },
+    /// `run_range` asked to start mid-model on a plan that does not keep earlier results.
+    NotResumable {
+        /// The requested first op.
+        op: u32,
+    },
     /// A gather index (from input data) is outside the gathered axis.
     IndexOutOfRange {
         /// Op position in execution order.
@@ -74,6 +79,10 @@ impl fmt::Display for RunError {
                     "graph tensor #{index} holds {expected} elements, {found} given"
                 )
             }
+            RunError::NotResumable { op } => write!(
+                f,
+                "cannot resume at op #{op}: the model was not planned to keep earlier results (pack with resumable_from)"
+            ),
             RunError::IndexOutOfRange { op, index, dim } => {
                 write!(
                     f,

@@ -4,9 +4,15 @@ use edgetune_core::ops::{MatMul, Op};
 use edgetune_core::{DType, Encoding, Model, OpInfo, Shape, Storage};
 
 use crate::error::RunError;
-use crate::kernels::conv::{conv2d, ConvShape, ConvWeights};
+use crate::adapter::{AdaptedQ, AdapterParts, AdapterValues};
+use crate::kernels::conv::{conv2d, direct_conv, ConvShape};
+use edgetune_core::adapter::EntryKind;
+use edgetune_core::ops::Conv;
+use edgetune_core::Activation;
 use crate::kernels::elementwise::{self as ew, broadcast_strides, Runs};
-use crate::kernels::linear::{dense, matmul, DenseWeights};
+use crate::kernels::linear::{dense, matmul, Weights};
+use crate::kernels::qgemm::{decode_row, QWeights, SparseWeights};
+use edgetune_core::layout::{QBlockLayout, SparseLayout};
 use crate::kernels::movement;
 use crate::kernels::norm;
 use crate::kernels::pool::pool2d;
@@ -90,6 +96,44 @@ impl<'m> Ctx<'m, '_> {
     }
 }
 
+impl<'m> Ctx<'m, '_> {
+    /// A weight tensor in whatever encoding it is stored.
+    fn weights(&self, id: u32) -> Weights<'m> {
+        let t = self.model.tensor(id);
+        let (n, k) = (t.meta.shape.dim(0), t.meta.shape.dim(1));
+        match t.meta.encoding {
+            Encoding::PanelF32 => Weights::Panel(self.input(id)),
+            Encoding::PanelF16 => Weights::PanelF16(const_slice(self.model, id)),
+            Encoding::QBlock => Weights::Quantized(QWeights {
+                layout: QBlockLayout::new(n, k, t.params).expect("validated"),
+                bytes: self.model.const_bytes(id),
+            }),
+            Encoding::SparseNM => Weights::Sparse(SparseWeights {
+                layout: SparseLayout::new(n, k, t.params).expect("validated"),
+                bytes: self.model.const_bytes(id),
+            }),
+            Encoding::Plain => Weights::Plain(self.input(id)),
+        }
+    }
+
+    /// The weight view of a constant if it uses a weight encoding, else `Plain` of nothing.
+    fn weights_if_encoded(&self, id: u32) -> Weights<'m> {
+        let t = self.model.tensor(id);
+        if t.meta.encoding.is_weight_layout() && t.meta.shape.rank() == 2 {
+            self.weights(id)
+        } else {
+            Weights::Plain(&[])
+        }
+    }
+
+    fn scratch(&self, op: &OpInfo<'_>) -> &'m mut [u8] {
+        match op.scratch {
+            Some(id) => self.output(id),
+            None => &mut [],
+        }
+    }
+}
+
 macro_rules! by_size {
     ($dt:expr, $f:ident ( $($arg:expr),* )) => {
         match $dt.size() {
@@ -107,11 +151,19 @@ pub(crate) fn run_op(
     base: *mut u8,
     kernels: &Kernels,
     op: &OpInfo<'_>,
+    adapter: Option<&mut AdapterParts<'_>>,
 ) -> Result<(), RunError> {
     let cx = Ctx {
         model,
         base,
         kernels,
+    };
+    let (adapter, work) = match adapter {
+        Some(p) => {
+            let (v, w) = p.split();
+            (Some(v), Some(w))
+        }
+        None => (None, None),
     };
     let y_id = op.output(0);
     let ys = cx.shape(y_id);
@@ -119,7 +171,6 @@ pub(crate) fn run_op(
     match &op.op {
         Op::Conv(c) => {
             let xs = cx.shape(op.input(0));
-            let w = model.tensor(op.input(1));
             let s = ConvShape {
                 n: xs.dim(0),
                 cin: xs.dim(1),
@@ -129,51 +180,27 @@ pub(crate) fn run_op(
                 ho: ys.dim(2),
                 wo: ys.dim(3),
             };
-            let wd = cx.input::<f32>(op.input(1));
-            let weights = if w.meta.encoding == Encoding::PanelF32 {
-                ConvWeights::Panel(wd)
-            } else {
-                ConvWeights::Plain(wd)
-            };
-            let bias = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
-            let scratch: &mut [f32] = match op.scratch {
-                Some(id) => cx.output(id),
-                None => &mut [],
-            };
-            conv2d(
-                kernels,
-                c,
-                &s,
-                cx.input(op.input(0)),
-                weights,
-                bias,
-                cx.output(y_id),
-                scratch,
-            );
+            let (weights, bias, lora) = linear_params(&cx, op, adapter);
+            let act = if lora.is_some() { Activation::NONE } else { c.act };
+            let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
+            conv2d(kernels, &Conv { act, ..*c }, &s, x, weights, bias, y, cx.scratch(op));
+            if let (Some(l), Some(work)) = (lora, work) {
+                lora_conv(c, &s, x, &l, work, y);
+            }
         }
         Op::Dense(d) => {
             let xs = cx.shape(op.input(0));
-            let w = model.tensor(op.input(1));
             let k = xs.back(1);
-            let n = w.meta.shape.dim(0);
-            let wd = cx.input::<f32>(op.input(1));
-            let weights = if w.meta.encoding == Encoding::PanelF32 {
-                DenseWeights::Panel(wd)
-            } else {
-                DenseWeights::Plain(wd)
-            };
-            let bias = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
-            dense(
-                kernels,
-                cx.input(op.input(0)),
-                xs.numel() / k,
-                k,
-                weights,
-                n,
-                bias,
-                d.act,
-                cx.output(y_id),
-            );
+            let n = ys.back(1);
+            let m = xs.numel() / k;
+            let (weights, bias, lora) = linear_params(&cx, op, adapter);
+            let act = if lora.is_some() { Activation::NONE } else { d.act };
+            let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
+            dense(kernels, x, m, k, weights, n, bias, act, y, cx.scratch(op));
+            if let (Some(l), Some(work)) = (lora, work) {
+                lora_dense(x, (m, k, n), &l, work, y);
+                math::apply_slice(&d.act, y);
+            }
         }
         Op::MatMul(mm) => run_matmul(&cx, mm, op),
         Op::Binary(kind) => {
@@ -230,8 +257,12 @@ pub(crate) fn run_op(
         }
         Op::LayerNorm { axis, eps, rms } => {
             let inner = ys.prod(*axis as usize, ys.rank());
-            let gamma = (op.n_inputs() > 1).then(|| cx.input::<f32>(op.input(1)));
-            let beta = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
+            let mut gamma = (op.n_inputs() > 1).then(|| cx.input::<f32>(op.input(1)));
+            let mut beta = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
+            if let Some(ad) = adapter {
+                gamma = ad.find(op.index, EntryKind::NormGain).map(|e| e.1).or(gamma);
+                beta = ad.find(op.index, EntryKind::NormBias).map(|e| e.1).or(beta);
+            }
             norm::layer_norm(
                 cx.input(op.input(0)),
                 cx.output(y_id),
@@ -345,6 +376,77 @@ pub(crate) fn run_op(
     Ok(())
 }
 
+/// A LoRA pair of one op: `A` `[r, K]`, `B` `[N, r]`, rank, α.
+struct Lora<'a> {
+    a: &'a [f32],
+    b: &'a [f32],
+    rank: usize,
+    alpha: f32,
+}
+
+/// Weights, bias and LoRA of a dense layer or convolution, with the adapter's overrides.
+fn linear_params<'x>(cx: &Ctx<'x, '_>, op: &OpInfo<'_>, ad: Option<AdapterValues<'x>>) -> (Weights<'x>, Option<&'x [f32]>, Option<Lora<'x>>) {
+    let mut weights = cx.weights(op.input(1));
+    let mut bias = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
+    let mut lora = None;
+    if let Some(ad) = ad {
+        let i = op.index;
+        bias = ad.find(i, EntryKind::Bias).map(|e| e.1).or(bias);
+        if let Some((_, h)) = ad.find(i, EntryKind::Head) {
+            weights = Weights::Plain(h);
+        }
+        let centroids = ad.find(i, EntryKind::Centroids).map(|e| e.1);
+        let log_scales = ad.find(i, EntryKind::LogScale).map(|e| e.1);
+        if let (Weights::Quantized(q), true) = (weights, centroids.is_some() || log_scales.is_some()) {
+            weights = Weights::Adapted(AdaptedQ { q, centroids, log_scales });
+        }
+        if let (Some((ea, a)), Some((_, b))) = (ad.find(i, EntryKind::LoraA), ad.find(i, EntryKind::LoraB)) {
+            lora = Some(Lora { a, b, rank: ea.rank as usize, alpha: ea.alpha });
+        }
+    }
+    (weights, bias, lora)
+}
+
+/// `y[m, n] += α/r · Σ_j B[n, j] · (Σ_k A[j, k] · x[m, k])`, the intermediate in `work`.
+fn lora_dense(x: &[f32], (m, k, n): (usize, usize, usize), l: &Lora<'_>, work: &mut [f32], y: &mut [f32]) {
+    let r = l.rank;
+    let t = &mut work[..m * r];
+    for i in 0..m {
+        for j in 0..r {
+            t[i * r + j] = x[i * k..(i + 1) * k].iter().zip(&l.a[j * k..(j + 1) * k]).fold(0.0, |s, (a, b)| s + a * b);
+        }
+    }
+    let s = l.alpha / r as f32;
+    for i in 0..m {
+        for o in 0..n {
+            let d: f32 = (0..r).fold(0.0, |acc, j| acc + l.b[o * r + j] * t[i * r + j]);
+            y[i * n + o] += s * d;
+        }
+    }
+}
+
+/// LoRA of a convolution: `A` is a convolution with `r` outputs and the op's geometry, `B` a
+/// pointwise one; the fused activation is applied after.
+fn lora_conv(c: &Conv, s: &ConvShape, x: &[f32], l: &Lora<'_>, work: &mut [f32], y: &mut [f32]) {
+    let r = l.rank;
+    let p = s.ho * s.wo;
+    let t = &mut work[..s.n * r * p];
+    direct_conv(&Conv { act: Activation::NONE, groups: 1, ..*c }, &ConvShape { cout: r, ..*s }, x, l.a, None, t);
+    let sc = l.alpha / r as f32;
+    for b in 0..s.n {
+        for co in 0..s.cout {
+            let out = &mut y[(b * s.cout + co) * p..(b * s.cout + co + 1) * p];
+            for j in 0..r {
+                let w = sc * l.b[co * r + j];
+                for (o, &v) in out.iter_mut().zip(&t[(b * r + j) * p..(b * r + j + 1) * p]) {
+                    *o += w * v;
+                }
+            }
+            math::apply_slice(&c.act, out);
+        }
+    }
+}
+
 fn run_matmul(cx: &Ctx<'_, '_>, mm: &MatMul, op: &OpInfo<'_>) {
     let (a, b, y) = (op.input(0), op.input(1), op.output(0));
     let scratch = cx.output::<f32>(op.scratch.expect("validated: matmul has scratch"));
@@ -364,6 +466,23 @@ fn run_matmul(cx: &Ctx<'_, '_>, mm: &MatMul, op: &OpInfo<'_>) {
 fn run_gather(cx: &Ctx<'_, '_>, op: &OpInfo<'_>, axis: usize) -> Result<(), RunError> {
     let (d, i, y) = (op.input(0), op.input(1), op.output(0));
     let ds = cx.shape(d);
+    if let Weights::Quantized(q) = cx.weights_if_encoded(d) {
+        // A compressed embedding table: decode only the gathered rows.
+        let (rows, dim) = (ds.dim(0), ds.dim(1));
+        let out = cx.output::<f32>(y);
+        let idx: &mut dyn Iterator<Item = i64> = match cx.model.tensor(i).meta.dtype {
+            DType::I64 => &mut cx.input::<i64>(i).iter().copied(),
+            _ => &mut cx.input::<i32>(i).iter().map(|&v| v as i64),
+        };
+        for (j, raw) in idx.enumerate() {
+            let r = if raw < 0 { raw + rows as i64 } else { raw };
+            if r < 0 || r >= rows as i64 {
+                return Err(RunError::IndexOutOfRange { op: op.index, index: raw, dim: rows });
+            }
+            decode_row(&q, r as usize, &mut out[j * dim..(j + 1) * dim]);
+        }
+        return Ok(());
+    }
     let (outer, dim, inner) = (ds.prod(0, axis), ds.dim(axis), ds.prod(axis + 1, ds.rank()));
     fn go<T: Copy>(
         cx: &Ctx<'_, '_>,

@@ -6,11 +6,14 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod error;
 mod exec;
 pub mod kernels;
 pub mod math;
 pub mod session;
+pub mod store;
+pub mod train;
 
 pub use edgetune_core::{FormatError, Model};
 pub use error::RunError;

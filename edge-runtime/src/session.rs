@@ -2,6 +2,7 @@
 
 use edgetune_core::{DType, Model, Storage};
 
+use crate::adapter::Adapter;
 use crate::error::RunError;
 use crate::exec;
 use crate::kernels::Kernels;
@@ -168,6 +169,30 @@ impl<'m, 'a> Session<'m, 'a> {
         self.run_observed(|_, _| {})
     }
 
+    /// Runs every op with an adapter's trainable values applied on top of the model.
+    pub fn run_with(&mut self, adapter: Option<&mut Adapter<'_>>) -> Result<(), RunError> {
+        self.run_range(0..self.model.op_count(), adapter)
+    }
+
+    /// Runs ops `ops.start..ops.end` only. Starting past 0 re-runs a tail on the results the ops
+    /// before it left (prefix caching): the model must have been planned for it (its
+    /// `resumable_from` metadata at or before `ops.start`), else this is an error.
+    pub fn run_range(&mut self, ops: core::ops::Range<u32>, mut adapter: Option<&mut Adapter<'_>>) -> Result<(), RunError> {
+        let end = ops.end.min(self.model.op_count());
+        if ops.start > 0 {
+            let from = self.model.meta("resumable_from").and_then(|v| v.parse::<u32>().ok());
+            if from.is_none_or(|f| f > ops.start) {
+                return Err(RunError::NotResumable { op: ops.start });
+            }
+        }
+        let mut parts = adapter.as_deref_mut().map(|a| a.parts());
+        for i in ops.start..end {
+            let op = self.model.op(i);
+            exec::run_op(&self.model, self.arena.as_mut_ptr(), &self.kernels, &op, parts.as_mut())?;
+        }
+        Ok(())
+    }
+
     /// Runs every op in order, calling `after(op_index, session)` after each one so a caller can
     /// read the op's inputs and outputs (calibration statistics, debugging).
     pub fn run_observed(
@@ -176,7 +201,7 @@ impl<'m, 'a> Session<'m, 'a> {
     ) -> Result<(), RunError> {
         for i in 0..self.model.op_count() {
             let op = self.model.op(i);
-            exec::run_op(&self.model, self.arena.as_mut_ptr(), &self.kernels, &op)?;
+            exec::run_op(&self.model, self.arena.as_mut_ptr(), &self.kernels, &op, None)?;
             after(i, self);
         }
         Ok(())

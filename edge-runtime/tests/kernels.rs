@@ -2,13 +2,23 @@
 
 use edgetune_core::ops::{Conv, MatMul, Pool};
 use edgetune_core::{ActKind, Activation, BinaryKind, ReduceKind, Shape};
-use edgetune_runtime::kernels::conv::{conv2d, direct_conv, ConvShape, ConvWeights};
+use edgetune_runtime::kernels::conv::{conv2d, direct_conv, ConvShape};
 use edgetune_runtime::kernels::elementwise::{arith, broadcast_strides, Runs};
 use edgetune_runtime::kernels::gemm::{pack_b, packed_len};
-use edgetune_runtime::kernels::linear::{dense, matmul, DenseWeights};
+use edgetune_runtime::kernels::linear::{dense, matmul, Weights};
 use edgetune_runtime::kernels::norm::{layer_norm, reduce, softmax};
 use edgetune_runtime::kernels::pool::pool2d;
 use edgetune_runtime::kernels::Kernels;
+
+/// A zeroed, 4-byte aligned byte buffer (scratch that also holds f32).
+fn scratch_bytes(n: usize) -> Vec<u32> {
+    vec![0u32; n.div_ceil(4)]
+}
+
+fn as_bytes(v: &mut [u32]) -> &mut [u8] {
+    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
+    unsafe { core::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) }
+}
 
 struct Rng(u64);
 impl Rng {
@@ -142,17 +152,17 @@ fn conv_paths_match_direct_reference() {
             let mut want = vec![0.0; n * cout * ho * wo];
             direct_conv(&c, &s, &x, &wt, Some(&bias), &mut want);
             let mut got = vec![f32::NAN; want.len()];
-            let mut scratch = vec![0.0; k * col_tile as usize];
+            let mut scratch = scratch_bytes(k * col_tile as usize * 4);
             let packed = panels(&wt, cout, k);
             conv2d(
                 &kernels,
                 &c,
                 &s,
                 &x,
-                ConvWeights::Panel(&packed),
+                Weights::Panel(&packed),
                 Some(&bias),
                 &mut got,
-                &mut scratch,
+                as_bytes(&mut scratch),
             );
             close(
                 &got,
@@ -226,7 +236,7 @@ fn depthwise_and_grouped_match_direct_reference() {
             &c,
             &s,
             &x,
-            ConvWeights::Plain(&wt),
+            Weights::Plain(&wt),
             Some(&bias),
             &mut got,
             &mut [],
@@ -304,7 +314,7 @@ fn depthwise_matches_direct_reference_on_random_geometry() {
             &c,
             &s,
             &x,
-            ConvWeights::Plain(&wt),
+            Weights::Plain(&wt),
             Some(&bias),
             &mut got,
             &mut [],
@@ -342,11 +352,12 @@ fn dense_panel_matches_plain() {
                 &x,
                 m,
                 k,
-                DenseWeights::Panel(&panels(&w, n, k)),
+                Weights::Panel(&panels(&w, n, k)),
                 n,
                 Some(&b),
                 act,
                 &mut got,
+                &mut [],
             );
             close(&got, &want, 1e-5, &format!("dense panel {case}"));
             let mut got = vec![0.0; m * n];
@@ -355,11 +366,12 @@ fn dense_panel_matches_plain() {
                 &x,
                 m,
                 k,
-                DenseWeights::Plain(&w),
+                Weights::Plain(&w),
                 n,
                 Some(&b),
                 act,
                 &mut got,
+                &mut [],
             );
             close(&got, &want, 1e-5, &format!("dense plain {case}"));
         }

@@ -2,11 +2,15 @@
 //! `.etm`, and the `edgetune` command line (inspect, run, eval, bench, demo).
 
 pub mod commands;
+pub mod compress;
+pub mod finetune;
 pub mod import;
 pub mod ir;
 pub mod metrics;
 pub mod model_file;
 pub mod npy;
 pub mod pack;
+pub mod plot;
 pub mod passes;
 pub mod runner;
+pub mod zolog;

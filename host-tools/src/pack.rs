@@ -52,6 +52,11 @@ fn encode_const(t: &crate::ir::Tensor) -> Result<(Encoding, Vec<u8>, [u32; 4])> 
                 [0; 4],
             )
         }
+        other => bail!(
+            "{}: {} weights are written by the compressor, not from plain values",
+            t.name,
+            other.name()
+        ),
     })
 }
 
@@ -97,6 +102,7 @@ fn place(buffers: &mut [Buffer]) -> u64 {
 fn meta_of(g: &Graph, t: TensorId) -> TensorMeta {
     let x = &g.tensors[t];
     TensorMeta {
+        params: x.encoded.as_ref().map(|e| e.params).unwrap_or([0; 4]),
         dtype: x.dtype,
         encoding: x
             .encoded
@@ -119,6 +125,17 @@ fn meta_of(g: &Graph, t: TensorId) -> TensorMeta {
 /// Writes the graph as `.etm` bytes and reports the arena plan. The bytes are validated by
 /// [`Model::from_bytes`] before they are returned.
 pub fn pack(g: &Graph) -> Result<(Vec<u8>, PlanReport)> {
+    pack_with(g, None)
+}
+
+/// Metadata key recording that ops from this index on can be re-run alone: everything they read
+/// from earlier ops stays intact (prefix caching for fine-tuning).
+pub const RESUMABLE_FROM: &str = "resumable_from";
+
+/// [`pack`], optionally planning the arena so the ops from `resumable_from` on can run again
+/// without re-running the ops before them: every tensor computed earlier and read from there
+/// on stays live to the end.
+pub fn pack_with(g: &Graph, resumable_from: Option<usize>) -> Result<(Vec<u8>, PlanReport)> {
     // Tensors that appear in the file, renumbered densely.
     let mut used = vec![false; g.tensors.len()];
     for n in &g.nodes {
@@ -206,8 +223,19 @@ pub fn pack(g: &Graph) -> Result<(Vec<u8>, PlanReport)> {
             name: n.name.clone(),
         });
     }
-    for &(_, t) in &g.outputs {
+    // Outputs stay until read; inputs stay too, so a session can run again on the same inputs
+    // (and fine-tuning can re-run a model without copying its batch back in).
+    for &(_, t) in g.outputs.iter().chain(&g.inputs) {
         touch(root(t), n_ops + 1, &mut live);
+    }
+    if let Some(k) = resumable_from {
+        // Op k runs at time k + 1: what it or later ops read from before stays to the end.
+        let start = k as u32 + 1;
+        for l in live.iter_mut().flatten() {
+            if l.0 < start && l.1 >= start {
+                l.1 = n_ops + 1;
+            }
+        }
     }
     // Place roots and scratch buffers.
     let mut buffers = Vec::new();
@@ -251,6 +279,10 @@ pub fn pack(g: &Graph) -> Result<(Vec<u8>, PlanReport)> {
             .sum();
         lower_bound = lower_bound.max(sum);
     }
+    let mut meta: Vec<(String, String)> = g.meta.iter().filter(|(k, _)| k != RESUMABLE_FROM).cloned().collect();
+    if let Some(k) = resumable_from {
+        meta.push((RESUMABLE_FROM.into(), k.to_string()));
+    }
     let file = ModelFile {
         tensors: specs,
         ops,
@@ -264,7 +296,7 @@ pub fn pack(g: &Graph) -> Result<(Vec<u8>, PlanReport)> {
             .iter()
             .map(|(n, t)| (n.clone(), new_id[*t]))
             .collect(),
-        meta: g.meta.clone(),
+        meta,
         arena_bytes,
     };
     let bytes = file.to_bytes();

@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod encode;
 pub mod gptq;
 pub mod kmeans;
 pub mod lowrank;

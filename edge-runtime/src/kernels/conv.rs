@@ -7,18 +7,9 @@
 
 use edgetune_core::ops::Conv;
 
-use super::gemm::{gemm_with_threads, Gemm};
+use super::linear::{linear, Weights};
 use super::Kernels;
 use crate::math;
-
-/// A convolution's weights as stored.
-#[derive(Debug, Clone, Copy)]
-pub enum ConvWeights<'a> {
-    /// `[Cout, K]` packed in GEMM panels.
-    Panel(&'a [f32]),
-    /// `[Cout, K]` row-major, `K = Cin/groups · kh · kw`.
-    Plain(&'a [f32]),
-}
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -40,86 +31,59 @@ pub struct ConvShape {
 }
 
 /// Runs a convolution. `scratch` must hold the im2col tile when `c.col_tile > 0`.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     ker: &Kernels,
     c: &Conv,
     s: &ConvShape,
     x: &[f32],
-    w: ConvWeights<'_>,
+    w: Weights<'_>,
     bias: Option<&[f32]>,
     y: &mut [f32],
-    scratch: &mut [f32],
+    scratch: &mut [u8],
 ) {
     let depthwise = c.groups > 1 && c.groups as usize == s.cin && s.cout == s.cin;
     match w {
-        ConvWeights::Plain(w) if depthwise => depthwise_conv(c, s, x, w, bias, y),
-        ConvWeights::Panel(w) => gemm_conv(ker, c, s, x, w, bias, y, scratch),
-        ConvWeights::Plain(w) => direct_conv(c, s, x, w, bias, y),
+        Weights::Plain(w) if depthwise => depthwise_conv(c, s, x, w, bias, y),
+        Weights::Plain(w) => direct_conv(c, s, x, w, bias, y),
+        w => gemm_conv(ker, c, s, x, &w, bias, y, scratch),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gemm_conv(
     ker: &Kernels,
     c: &Conv,
     s: &ConvShape,
     x: &[f32],
-    w: &[f32],
+    w: &Weights<'_>,
     bias: Option<&[f32]>,
     y: &mut [f32],
-    scratch: &mut [f32],
+    scratch: &mut [u8],
 ) {
     let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
     let k = s.cin * kh * kw;
     let p = s.ho * s.wo;
     let plane = s.h * s.w;
+    let tile = c.col_tile as usize;
+    // Scratch: the im2col tile (f32), then room for int8 activation rows.
+    let (cols, rest) = scratch.split_at_mut((k * tile * 4).min(scratch.len()));
+    // SAFETY: f32 has no invalid bit patterns; `align_to_mut` only yields the aligned middle.
+    let (head, cols, _) = unsafe { cols.align_to_mut::<f32>() };
+    assert!(head.is_empty(), "conv: scratch not aligned for f32");
     for b in 0..s.n {
         let xb = &x[b * s.cin * plane..(b + 1) * s.cin * plane];
         let yb = &mut y[b * s.cout * p..(b + 1) * s.cout * p];
-        if c.col_tile == 0 {
-            // Pointwise: A[pixel, ci] = x[ci·P + pixel] read in place.
-            gemm_with_threads(
-                &ker.gemm,
-                ker.threads,
-                Gemm {
-                    m: p,
-                    n: s.cout,
-                    k,
-                    a: xb,
-                    a_rs: 1,
-                    a_cs: plane,
-                    b: w,
-                    c: yb,
-                    c_rs: 1,
-                    c_cs: p,
-                    bias,
-                    act: c.act,
-                },
-            );
+        if tile == 0 {
+            // Pointwise on panels: A[pixel, ci] = x[ci·P + pixel] read in place.
+            linear(ker, w, (p, k, s.cout), (xb, 1, plane), (yb, 1, p), bias, c.act, rest);
             continue;
         }
-        let tile = c.col_tile as usize;
         let mut p0 = 0;
         while p0 < p {
             let rows = tile.min(p - p0);
-            im2col(c, s, xb, p0, rows, &mut scratch[..rows * k]);
-            gemm_with_threads(
-                &ker.gemm,
-                ker.threads,
-                Gemm {
-                    m: rows,
-                    n: s.cout,
-                    k,
-                    a: &scratch[..rows * k],
-                    a_rs: k,
-                    a_cs: 1,
-                    b: w,
-                    c: &mut yb[p0..],
-                    c_rs: 1,
-                    c_cs: p,
-                    bias,
-                    act: c.act,
-                },
-            );
+            im2col(c, s, xb, p0, rows, &mut cols[..rows * k]);
+            linear(ker, w, (rows, k, s.cout), (&cols[..rows * k], k, 1), (&mut yb[p0..], 1, p), bias, c.act, rest);
             p0 += rows;
         }
     }

@@ -3,17 +3,79 @@
 use edgetune_core::ops::MatMul;
 use edgetune_core::{Activation, Shape, MAX_RANK};
 
-use super::gemm::{gemm_with_threads, pack_b, Gemm};
+use super::gemm::{gemm_f16_with_threads, gemm_with_threads, pack_b, Gemm, GemmF16};
+use super::qgemm::{self, QGemm, QWeights, SparseWeights};
 use super::Kernels;
 use crate::math;
 
-/// A dense layer's weights as stored (`[N, K]`).
+/// A `[N, K]` weight as stored, in any of the weight encodings.
 #[derive(Debug, Clone, Copy)]
-pub enum DenseWeights<'a> {
-    /// Packed in GEMM panels.
+pub enum Weights<'a> {
+    /// f32 in GEMM panels.
     Panel(&'a [f32]),
-    /// Row-major.
+    /// f16 in GEMM panels (bits).
+    PanelF16(&'a [u16]),
+    /// Row-major f32.
     Plain(&'a [f32]),
+    /// Block-quantized codes.
+    Quantized(QWeights<'a>),
+    /// N:M sparse.
+    Sparse(SparseWeights<'a>),
+    /// Block-quantized codes with an adapter's tables or scales (training).
+    Adapted(crate::adapter::AdaptedQ<'a>),
+}
+
+/// One product `C = act(A · Wᵀ + bias)` with `A` `[m, k]` (`a[i·a_rs + kk·a_cs]`) and `C`
+/// `[m, n]` (`c[i·c_rs + j·c_cs]`). Compressed weights need `a_cs = 1`; int8-activation weights
+/// use `scratch` for quantized rows.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    ker: &Kernels,
+    w: &Weights<'_>,
+    (m, k, n): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (c, c_rs, c_cs): (&mut [f32], usize, usize),
+    bias: Option<&[f32]>,
+    act: Activation,
+    scratch: &mut [u8],
+) {
+    match *w {
+        Weights::Panel(b) => gemm_with_threads(
+            &ker.gemm,
+            ker.threads,
+            Gemm { m, n, k, a, a_rs, a_cs, b, c, c_rs, c_cs, bias, act },
+        ),
+        Weights::PanelF16(b) => gemm_f16_with_threads(
+            &ker.gemm_f16,
+            ker.threads,
+            GemmF16 { m, n, k, a, a_rs, a_cs, b, c, c_rs, c_cs, bias, act },
+        ),
+        Weights::Plain(w) => {
+            for i in 0..m {
+                for j in 0..n {
+                    let acc: f32 = (0..k).fold(0.0, |s, kk| s + a[i * a_rs + kk * a_cs] * w[j * k + kk]);
+                    c[i * c_rs + j * c_cs] = math::apply(&act, acc + bias.map_or(0.0, |b| b[j]));
+                }
+            }
+        }
+        Weights::Quantized(q) => {
+            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
+            let g = QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act };
+            if q.layout.int8_activations() {
+                qgemm::qgemm_q8(ker, &q, g, scratch)
+            } else {
+                qgemm::qgemm_f32(ker, &q, g)
+            }
+        }
+        Weights::Adapted(q) => {
+            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
+            q.gemm(QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act })
+        }
+        Weights::Sparse(s) => {
+            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
+            qgemm::sparse_gemm(ker, &s, QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act })
+        }
+    }
 }
 
 /// `y[m, n] = act(Σ_k x[m, k] · w[n, k] + bias[n])`.
@@ -23,43 +85,14 @@ pub fn dense(
     x: &[f32],
     m: usize,
     k: usize,
-    w: DenseWeights<'_>,
+    w: Weights<'_>,
     n: usize,
     bias: Option<&[f32]>,
     act: Activation,
     y: &mut [f32],
+    scratch: &mut [u8],
 ) {
-    match w {
-        DenseWeights::Panel(w) => gemm_with_threads(
-            &ker.gemm,
-            ker.threads,
-            Gemm {
-                m,
-                n,
-                k,
-                a: x,
-                a_rs: k,
-                a_cs: 1,
-                b: w,
-                c: y,
-                c_rs: n,
-                c_cs: 1,
-                bias,
-                act,
-            },
-        ),
-        DenseWeights::Plain(w) => {
-            for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)) {
-                for (j, out) in yr.iter_mut().enumerate() {
-                    let acc: f32 = xr
-                        .iter()
-                        .zip(&w[j * k..(j + 1) * k])
-                        .fold(0.0, |s, (a, b)| s + a * b);
-                    *out = math::apply(&act, acc + bias.map_or(0.0, |b| b[j]));
-                }
-            }
-        }
-    }
+    linear(ker, &w, (m, k, n), (x, k, 1), (y, n, 1), bias, act, scratch)
 }
 
 /// Batched product of activations with per-operand axis roles (see [`MatMul`]); `scratch`

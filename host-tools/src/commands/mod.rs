@@ -1,8 +1,11 @@
 //! The `edgetune` subcommands.
 
 pub mod bench;
+pub mod compress;
 pub mod eval;
+pub mod finetune;
 pub mod inspect;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +43,14 @@ pub enum Command {
     Eval(EvalArgs),
     /// Time our runtime against tract on the same model, alternating in one process.
     Bench(BenchArgs),
+    /// Compress a model's weights (codebook, int8/int4, ternary/binary, low rank, pruning).
+    Compress(compress::CompressArgs),
+    /// Fine-tune an adapter on device-style: zeroth-order (forward passes only).
+    Finetune(finetune::FinetuneArgs),
+    /// Rebuild a fine-tuned adapter from its run log alone.
+    Replay(finetune::ReplayArgs),
+    /// Sweep compression recipes over a model and data: size-vs-quality table and Pareto plot.
+    Report(report::ReportArgs),
     /// Import the bundled digits CNN, run it on the bundled test set, print accuracy and sizes.
     Demo(DemoArgs),
 }
@@ -87,6 +98,9 @@ pub struct RunArgs {
     /// Output `.npy` file for output 0 (further outputs go to `<stem>.<i>.npy`).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Adapter (`.eta`) applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Use the scalar reference kernels.
     #[arg(long)]
     pub reference_kernels: bool,
@@ -113,6 +127,9 @@ pub struct EvalArgs {
     /// Saved outputs (`.npy`) to compare output 0 with (e.g. the training framework's).
     #[arg(long)]
     pub expected: Option<PathBuf>,
+    /// Adapter (`.eta`) applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Use the scalar reference kernels.
     #[arg(long)]
     pub reference_kernels: bool,
@@ -135,6 +152,9 @@ pub struct BenchArgs {
     /// Data for an input, `name=file.npy` (first batch is used); random otherwise.
     #[arg(long = "data", value_name = "NAME=FILE")]
     pub data: Vec<String>,
+    /// Adapter (`.eta`) applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Threads for both runtimes (comma-separated list to sweep, e.g. `1,2`).
     #[arg(long, default_value = "1", value_delimiter = ',')]
     pub threads: Vec<usize>,
@@ -245,6 +265,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => {
             let mut ours = Ours::load(&a.model)?;
             ours.kernels = kernels(a.reference_kernels, a.threads);
+            if let Some(p) = &a.adapter {
+                ours.load_adapter(p)?;
+            }
             let data = load_data(&ours, &a.inputs)?;
             let (batches, n) = crate::runner::batches(&ours.inputs(), &data)?;
             let outs = eval::collect(&batches, n, |b| ours.run(b))?;
@@ -268,6 +291,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => {
             let mut ours = Ours::load(&a.model)?;
             ours.kernels = kernels(a.reference_kernels, a.threads);
+            if let Some(p) = &a.adapter {
+                ours.load_adapter(p)?;
+            }
             // Without data, one batch of deterministic pseudo-random inputs checks agreement.
             let data = if a.data.is_empty() {
                 random_inputs(&ours)
@@ -300,6 +326,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => {
             let mut ours = Ours::load(&a.model)?;
+            if let Some(p) = &a.adapter {
+                ours.load_adapter(p)?;
+            }
             let inputs = if a.data.is_empty() {
                 random_inputs(&ours)
             } else {
@@ -332,6 +361,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_json(&reports)?;
             }
         }
+        Command::Compress(a) => compress::run(&a)?,
+        Command::Report(a) => report::run(&a)?,
+        Command::Finetune(a) => finetune::run(&a)?,
+        Command::Replay(a) => finetune::run_replay(&a)?,
         Command::Demo(a) => demo(a.json)?,
     }
     Ok(())

@@ -11,8 +11,11 @@
 //!
 //! NEON is part of the aarch64 baseline; on a target built without it (a soft-float target)
 //! the tile function falls back to the reference.
+//!
+//! f16 panels ([`KERNEL_F16`]) run the same kernel, widening each panel row with `fcvtl` /
+//! `fcvtl2` (exact; base AdvSIMD, no FP16 extension needed) as it is loaded.
 
-use super::{GemmKernel, Tile, NR};
+use super::{GemmF16Kernel, GemmKernel, Tile, NR};
 
 /// Rows per tile.
 pub const MR: usize = 6;
@@ -24,11 +27,40 @@ pub const KERNEL: GemmKernel = GemmKernel {
     ukr: tile,
 };
 
+/// Eight f16 values (bits) widened to f32, exactly (shared with the compressed-weight kernels).
+#[cfg(target_feature = "neon")]
+pub(crate) use neon::widen_f16;
+
+/// The NEON kernel for f16 panels.
+pub const KERNEL_F16: GemmF16Kernel = GemmF16Kernel {
+    name: "aarch64-neon",
+    mr: MR,
+    ukr: tile_f16,
+};
+
 /// Computes one tile (see [`Tile`]).
 ///
 /// # Safety
 /// The tile's pointers must be valid for its extents, and `rows ≤ MR`.
 pub unsafe fn tile(t: &Tile) {
+    // SAFETY: same contract.
+    unsafe { tile_any(t) }
+}
+
+/// Computes one tile of an f16 panel (see [`Tile`]).
+///
+/// # Safety
+/// The tile's pointers must be valid for its extents, and `rows ≤ MR`.
+pub unsafe fn tile_f16(t: &Tile<u16>) {
+    // SAFETY: same contract.
+    unsafe { tile_any(t) }
+}
+
+/// Either panel element.
+///
+/// # Safety
+/// As for [`tile`].
+unsafe fn tile_any<P: PanelRow>(t: &Tile<P>) {
     debug_assert!(t.rows <= MR && t.cols <= NR);
     #[cfg(target_feature = "neon")]
     {
@@ -37,12 +69,12 @@ pub unsafe fn tile(t: &Tile) {
         unsafe {
             match t.rows {
                 0 => {}
-                1 => neon::tile_neon::<1, 4>(t),
-                2 => neon::tile_neon::<2, 2>(t),
-                3 => neon::tile_neon::<3, 2>(t),
-                4 => neon::tile_neon::<4, 1>(t),
-                5 => neon::tile_neon::<5, 1>(t),
-                6 => neon::tile_neon::<6, 1>(t),
+                1 => neon::tile_neon::<1, 4, P>(t),
+                2 => neon::tile_neon::<2, 2, P>(t),
+                3 => neon::tile_neon::<3, 2, P>(t),
+                4 => neon::tile_neon::<4, 1, P>(t),
+                5 => neon::tile_neon::<5, 1, P>(t),
+                6 => neon::tile_neon::<6, 1, P>(t),
                 // Taller than the contract allows: still correct, just slow.
                 _ => super::reference_tile(t),
             }
@@ -55,17 +87,78 @@ pub unsafe fn tile(t: &Tile) {
     }
 }
 
+/// A panel element the NEON kernel loads (f32, or f16 bits widened on load).
+#[cfg(target_feature = "neon")]
+trait PanelRow: super::generic::PanelElem {
+    /// Loads one panel row (16 values) as four vectors of f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable values.
+    unsafe fn load(p: *const Self) -> [core::arch::aarch64::float32x4_t; 4];
+}
+
+#[cfg(not(target_feature = "neon"))]
+trait PanelRow: super::generic::PanelElem {}
+
+#[cfg(not(target_feature = "neon"))]
+impl<T: super::generic::PanelElem> PanelRow for T {}
+
+#[cfg(target_feature = "neon")]
+impl PanelRow for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> [core::arch::aarch64::float32x4_t; 4] {
+        use core::arch::aarch64::vld1q_f32;
+        // SAFETY: as the caller guarantees.
+        unsafe { [vld1q_f32(p), vld1q_f32(p.add(4)), vld1q_f32(p.add(8)), vld1q_f32(p.add(12))] }
+    }
+}
+
+#[cfg(target_feature = "neon")]
+impl PanelRow for u16 {
+    #[inline(always)]
+    unsafe fn load(p: *const u16) -> [core::arch::aarch64::float32x4_t; 4] {
+        use core::arch::aarch64::vld1q_u16;
+        // SAFETY: as the caller guarantees; the widening is register-only.
+        unsafe {
+            let (a, b) = neon::widen_f16(vld1q_u16(p));
+            let (c, d) = neon::widen_f16(vld1q_u16(p.add(8)));
+            [a, b, c, d]
+        }
+    }
+}
+
 #[cfg(target_feature = "neon")]
 mod neon {
     use core::arch::aarch64::*;
 
     use super::super::{Tile, NR};
+    use super::PanelRow;
+
+    /// Eight f16 values (bits) widened to two vectors of f32 (`fcvtl`, `fcvtl2`: exact, base
+    /// AdvSIMD; the f16 vector types are not stable Rust yet, so through `asm!`).
+    #[inline(always)]
+    pub(crate) fn widen_f16(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
+        let lo: float32x4_t;
+        let hi: float32x4_t;
+        // SAFETY: register-only conversions; NEON is enabled for the target.
+        unsafe {
+            core::arch::asm!(
+                "fcvtl {lo:v}.4s, {h:v}.4h",
+                "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                h = in(vreg) h,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        (lo, hi)
+    }
 
     /// A tile of exactly `R` rows, accumulating `k` steps round-robin into `U` accumulator sets.
     ///
     /// # Safety
     /// The tile's pointers must be valid for its extents, and `t.rows == R`.
-    pub(super) unsafe fn tile_neon<const R: usize, const U: usize>(t: &Tile) {
+    pub(super) unsafe fn tile_neon<const R: usize, const U: usize, P: PanelRow>(t: &Tile<P>) {
         // SAFETY (whole body): NEON is enabled for the target. Every read is A[i, kk] with
         // i < R = rows and kk < k, a row kk < k of the panel (NR values at panel + kk·NR), or
         // one of the `cols` bias values; every write is an element (i < rows, j < cols) of the
@@ -143,20 +236,15 @@ mod neon {
     /// # Safety
     /// `rows[i] + off` must be readable for each row, and `b` must hold `NR` values.
     #[inline(always)]
-    unsafe fn step<const R: usize>(
+    unsafe fn step<const R: usize, P: PanelRow>(
         acc: &mut [[float32x4_t; 4]; R],
         rows: &[*const f32; R],
         off: usize,
-        b: *const f32,
+        b: *const P,
     ) {
         // SAFETY: as the caller guarantees.
         unsafe {
-            let bv = [
-                vld1q_f32(b),
-                vld1q_f32(b.add(4)),
-                vld1q_f32(b.add(8)),
-                vld1q_f32(b.add(12)),
-            ];
+            let bv = P::load(b);
             for (acc_i, row) in acc.iter_mut().zip(rows) {
                 let av = vld1q_dup_f32(row.add(off));
                 for (x, b) in acc_i.iter_mut().zip(&bv) {

@@ -1,6 +1,6 @@
 //! The reference micro-kernel: plain Rust, one multiply and one add per term, in `k` order.
 
-use super::{GemmKernel, Tile, NR};
+use super::{GemmF16Kernel, GemmKernel, Tile, NR};
 
 /// Rows per tile of the reference kernel.
 pub const MR: usize = 4;
@@ -12,11 +12,56 @@ pub const KERNEL: GemmKernel = GemmKernel {
     ukr: tile,
 };
 
+/// The reference kernel for f16 panels.
+pub const KERNEL_F16: GemmF16Kernel = GemmF16Kernel {
+    name: "generic",
+    mr: MR,
+    ukr: tile_f16,
+};
+
+/// A panel element: f32, or f16 bits widened exactly.
+pub trait PanelElem: Copy {
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+}
+
+impl PanelElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl PanelElem for u16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
 /// Computes one tile (see [`Tile`]).
 ///
 /// # Safety
 /// The tile's pointers must be valid for its extents.
 pub unsafe fn tile(t: &Tile) {
+    // SAFETY: same contract.
+    unsafe { tile_any(t) }
+}
+
+/// Computes one tile of an f16 panel (see [`Tile`]).
+///
+/// # Safety
+/// The tile's pointers must be valid for its extents.
+pub unsafe fn tile_f16(t: &Tile<u16>) {
+    // SAFETY: same contract.
+    unsafe { tile_any(t) }
+}
+
+/// Computes one tile of a panel of any element type (see [`Tile`]).
+///
+/// # Safety
+/// The tile's pointers must be valid for its extents.
+pub unsafe fn tile_any<B: PanelElem>(t: &Tile<B>) {
     let mut acc = [[0f32; NR]; MR];
     for kk in 0..t.k {
         // SAFETY: kk < k and the panel holds k rows of NR values.
@@ -25,7 +70,7 @@ pub unsafe fn tile(t: &Tile) {
             // SAFETY: i < rows and kk < k address A inside its extents.
             let a = unsafe { *t.a.add(i * t.a_rs + kk * t.a_cs) };
             for (r, &bv) in row.iter_mut().zip(b) {
-                *r += a * bv;
+                *r += a * bv.to_f32();
             }
         }
     }

@@ -7,6 +7,9 @@
 //!
 //! A micro-kernel computes one tile of at most `mr` rows by one panel; [`gemm`] walks the tiles.
 //! The generic kernel defines the result; each architecture's kernel is tested against it.
+//!
+//! [`gemm_f16_with_threads`] is the same product with `B` panels of f16 (the `.etm` `PanelF16`
+//! weight layout): its micro-kernels widen each panel row to f32 as they load it.
 
 use edgetune_core::{Activation, PANEL};
 
@@ -22,9 +25,10 @@ pub const NR: usize = PANEL;
 /// One micro-kernel call: a `rows × cols` tile of `C` (rows ≤ the kernel's `mr`, cols ≤ [`NR`]).
 ///
 /// `acc[i][j] = Σ_{kk < k} a[i·a_rs + kk·a_cs] · b[kk·NR + j]`, then
-/// `c[i·c_rs + j·c_cs] = acc[i][j] + bias[j]` (bias read only when non-null).
+/// `c[i·c_rs + j·c_cs] = acc[i][j] + bias[j]` (bias read only when non-null). `B` is the panel's
+/// element: f32, or f16 bits (`u16`) widened to f32 exactly.
 #[derive(Debug, Clone, Copy)]
-pub struct Tile {
+pub struct Tile<B = f32> {
     /// Inner dimension.
     pub k: usize,
     /// First element of the tile's rows of `A`.
@@ -36,7 +40,7 @@ pub struct Tile {
     /// Rows in this tile.
     pub rows: usize,
     /// The packed panel: `k` rows of [`NR`] values.
-    pub b: *const f32,
+    pub b: *const B,
     /// First element of the tile in `C`.
     pub c: *mut f32,
     /// Distance between rows of `C`.
@@ -53,6 +57,9 @@ pub struct Tile {
 /// describes.
 pub type MicroKernel = unsafe fn(&Tile);
 
+/// A micro-kernel for f16 panels. Safety: as for [`MicroKernel`].
+pub type MicroKernelF16 = unsafe fn(&Tile<u16>);
+
 /// A micro-kernel and its tile height.
 #[derive(Debug, Clone, Copy)]
 pub struct GemmKernel {
@@ -62,6 +69,17 @@ pub struct GemmKernel {
     pub mr: usize,
     /// The tile function.
     pub ukr: MicroKernel,
+}
+
+/// An f16-panel micro-kernel and its tile height.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmF16Kernel {
+    /// Name shown in benchmarks.
+    pub name: &'static str,
+    /// Rows per tile.
+    pub mr: usize,
+    /// The tile function.
+    pub ukr: MicroKernelF16,
 }
 
 /// Operands of one product. `C[i, j] = act(Σ_k A[i, k] · B[k, j] + bias[j])`.
@@ -81,6 +99,35 @@ pub struct Gemm<'a> {
     pub a_cs: usize,
     /// `B` packed in `⌈n/NR⌉` panels of `k × NR`.
     pub b: &'a [f32],
+    /// `C`, addressed `c[i·c_rs + j·c_cs]`.
+    pub c: &'a mut [f32],
+    /// Row stride of `C`.
+    pub c_rs: usize,
+    /// Column stride of `C`.
+    pub c_cs: usize,
+    /// Optional per-column bias (length `n`).
+    pub bias: Option<&'a [f32]>,
+    /// Activation applied to every output.
+    pub act: Activation,
+}
+
+/// Operands of one product with f16 panels: as [`Gemm`], with `b` holding f16 bits.
+#[derive(Debug)]
+pub struct GemmF16<'a> {
+    /// Rows of `A` and `C`.
+    pub m: usize,
+    /// Columns of `B` and `C`.
+    pub n: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// `A`, addressed `a[i·a_rs + k·a_cs]`.
+    pub a: &'a [f32],
+    /// Row stride of `A`.
+    pub a_rs: usize,
+    /// Column stride of `A`.
+    pub a_cs: usize,
+    /// `B` packed in `⌈n/NR⌉` panels of `k × NR` f16 values (bits).
+    pub b: &'a [u16],
     /// `C`, addressed `c[i·c_rs + j·c_cs]`.
     pub c: &'a mut [f32],
     /// Row stride of `C`.
@@ -119,7 +166,7 @@ pub fn pack_b(k: usize, n: usize, b: &[f32], b_rs: usize, b_cs: usize, out: &mut
 /// # Safety
 /// As for [`MicroKernel`].
 #[allow(dead_code)] // unused on architectures without a fast kernel
-pub(crate) unsafe fn reference_tile(t: &Tile) {
+pub(crate) unsafe fn reference_tile<B: generic::PanelElem>(t: &Tile<B>) {
     let mut i = 0;
     while i < t.rows {
         let rows = generic::MR.min(t.rows - i);
@@ -132,7 +179,7 @@ pub(crate) unsafe fn reference_tile(t: &Tile) {
             ..*t
         };
         // SAFETY: `part` lies within `t`.
-        unsafe { generic::tile(&part) };
+        unsafe { generic::tile_any(&part) };
         i += rows;
     }
 }
@@ -179,10 +226,46 @@ pub fn gemm_with_threads(ker: &GemmKernel, threads: usize, g: Gemm<'_>) {
         bias,
         act,
     } = g;
+    drive(ker.mr, ker.ukr, threads, (m, n, k), (a, a_rs, a_cs), b, (c, c_rs, c_cs), bias, act)
+}
+
+/// [`gemm_with_threads`] with f16 panels (`PanelF16` weights): the same tiling, threading and
+/// epilogue, with a micro-kernel that widens the panel rows to f32 as it loads them.
+pub fn gemm_f16_with_threads(ker: &GemmF16Kernel, threads: usize, g: GemmF16<'_>) {
+    let GemmF16 {
+        m,
+        n,
+        k,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        c,
+        c_rs,
+        c_cs,
+        bias,
+        act,
+    } = g;
+    drive(ker.mr, ker.ukr, threads, (m, n, k), (a, a_rs, a_cs), b, (c, c_rs, c_cs), bias, act)
+}
+
+/// Checks the operands and runs the product (threaded when large, with `std`).
+#[allow(clippy::too_many_arguments)]
+fn drive<B: Copy + Sync>(
+    mr: usize,
+    ukr: unsafe fn(&Tile<B>),
+    threads: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    b: &[B],
+    (c, c_rs, c_cs): (&mut [f32], usize, usize),
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ker.mr > 0, "gemm: kernel with mr = 0");
+    assert!(mr > 0, "gemm: kernel with mr = 0");
     assert!(
         k == 0 || (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
         "gemm: A too short"
@@ -194,7 +277,8 @@ pub fn gemm_with_threads(ker: &GemmKernel, threads: usize, g: Gemm<'_>) {
     );
     assert!(bias.is_none_or(|b| b.len() >= n), "gemm: bias too short");
     let job = Job {
-        ker: *ker,
+        mr,
+        ukr,
         k,
         a: a.as_ptr(),
         a_rs,
@@ -223,13 +307,14 @@ pub fn gemm_with_threads(ker: &GemmKernel, threads: usize, g: Gemm<'_>) {
 
 /// One product's operands as raw pointers, so that threads can share them.
 #[derive(Clone, Copy)]
-struct Job {
-    ker: GemmKernel,
+struct Job<B> {
+    mr: usize,
+    ukr: unsafe fn(&Tile<B>),
     k: usize,
     a: *const f32,
     a_rs: usize,
     a_cs: usize,
-    b: *const f32,
+    b: *const B,
     c: *mut f32,
     c_rs: usize,
     c_cs: usize,
@@ -242,11 +327,11 @@ struct Job {
 // (A, B and bias shared, C exclusively). A, B and bias are only read. Threads write C only
 // through `run` on disjoint row or panel ranges, and `run_parallel` checks that distinct
 // (row, column) pairs address distinct elements of C, so no element is written by two threads.
-unsafe impl Send for Job {}
+unsafe impl<B: Sync> Send for Job<B> {}
 // SAFETY: as for `Send`.
-unsafe impl Sync for Job {}
+unsafe impl<B: Sync> Sync for Job<B> {}
 
-impl Job {
+impl<B: Copy> Job<B> {
     /// Computes rows `i0..i1` of `C` in panels `p0..p1`, activation included.
     ///
     /// # Safety
@@ -254,7 +339,7 @@ impl Job {
     /// `i1 ≤ m`, `p1 ≤ ⌈n/NR⌉`, the pointers valid for the extents checked in [`gemm`], and no
     /// other thread may access those elements of `C` meanwhile.
     unsafe fn run(&self, i0: usize, i1: usize, p0: usize, p1: usize) {
-        let mr = self.ker.mr;
+        let mr = self.mr;
         let mc = (MC / mr).max(1) * mr;
         let mut m0 = i0;
         while m0 < i1 {
@@ -289,7 +374,7 @@ impl Job {
                     // SAFETY: the tile lies within A, the packed B and C; the caller owns
                     // these elements of C.
                     unsafe {
-                        (self.ker.ukr)(&tile);
+                        (self.ukr)(&tile);
                         activate(&self.act, &tile);
                     }
                     i += rows;
@@ -306,7 +391,7 @@ impl Job {
 ///
 /// # Safety
 /// The tile's `C` extents must be valid and not accessed by anyone else meanwhile.
-unsafe fn activate(act: &Activation, t: &Tile) {
+unsafe fn activate<B>(act: &Activation, t: &Tile<B>) {
     if act.is_identity() {
         return;
     }
@@ -345,14 +430,14 @@ fn is_injective(m: usize, n: usize, rs: usize, cs: usize) -> bool {
 /// Splits a large product across the current rayon pool; returns false (and does nothing) when
 /// it should run on this thread instead.
 #[cfg(feature = "std")]
-fn run_parallel(job: &Job, m: usize, panels: usize, threads: usize) -> bool {
+fn run_parallel<B: Copy + Sync>(job: &Job<B>, m: usize, panels: usize, threads: usize) -> bool {
     use rayon::prelude::*;
 
     let macs = m.saturating_mul(job.n).saturating_mul(job.k);
     if threads <= 1 || macs < PAR_MIN_MACS || !is_injective(m, job.n, job.c_rs, job.c_cs) {
         return false;
     }
-    let mr = job.ker.mr;
+    let mr = job.mr;
     let row_tiles = m.div_ceil(mr);
     let by_rows = row_tiles >= panels;
     let units = if by_rows { row_tiles } else { panels };

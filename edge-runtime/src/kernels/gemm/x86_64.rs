@@ -8,10 +8,13 @@
 //! Short tiles (GEMV, the last rows of a product) have too few accumulators to hide the FMA
 //! latency, so they split `k` over several accumulator sets and add them at the end. That sums in
 //! a different order than the reference; the difference stays within rounding.
+//!
+//! f16 panels ([`KERNEL_F16`]) run the same kernel with F16C widening each panel row
+//! (`vcvtph2ps`, exact) as it is loaded.
 
 use core::arch::x86_64::*;
 
-use super::{GemmKernel, Tile, NR};
+use super::{GemmF16Kernel, GemmKernel, Tile, NR};
 
 /// Rows per tile.
 pub const MR: usize = 6;
@@ -23,6 +26,81 @@ pub const KERNEL: GemmKernel = GemmKernel {
     mr: MR,
     ukr: tile,
 };
+
+/// The AVX2 + FMA kernel for f16 panels (also needs F16C; without it the tile function falls
+/// back to the reference).
+pub const KERNEL_F16: GemmF16Kernel = GemmF16Kernel {
+    name: "x86_64-avx2-fma-f16c",
+    mr: MR,
+    ukr: tile_f16,
+};
+
+/// Computes one tile of an f16 panel (see [`Tile`]).
+///
+/// # Safety
+/// The tile's pointers must be valid for its extents, and `rows ≤ MR`.
+pub unsafe fn tile_f16(t: &Tile<u16>) {
+    debug_assert!(t.rows <= MR && t.cols <= NR);
+    // Checked per tile as in `tile` (cached answers).
+    if !(crate::kernels::x86_64_has_avx2_fma() && crate::kernels::x86_64_has_f16c()) {
+        // SAFETY: same contract.
+        return unsafe { super::reference_tile(t) };
+    }
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); the caller guarantees the
+    // extents.
+    unsafe {
+        match t.rows {
+            0 => {}
+            1 => tile_avx2_f16::<1, 4>(t),
+            2 => tile_avx2_f16::<2, 2>(t),
+            3 => tile_avx2_f16::<3, 2>(t),
+            4 => tile_avx2_f16::<4, 1>(t),
+            5 => tile_avx2_f16::<5, 1>(t),
+            6 => tile_avx2_f16::<6, 1>(t),
+            _ => super::reference_tile(t),
+        }
+    }
+}
+
+/// Loads one panel row (16 values) as two vectors of f32.
+trait PanelRow: Copy {
+    /// # Safety
+    /// `p` must point to 16 readable values; the enclosing function must enable the features
+    /// the load needs (AVX; F16C for f16).
+    unsafe fn load(p: *const Self) -> (__m256, __m256);
+}
+
+impl PanelRow for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> (__m256, __m256) {
+        // SAFETY: as the caller guarantees.
+        unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+    }
+}
+
+impl PanelRow for u16 {
+    #[inline(always)]
+    unsafe fn load(p: *const u16) -> (__m256, __m256) {
+        // SAFETY: as the caller guarantees (16 f16 values, F16C enabled by the caller).
+        unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i)),
+            )
+        }
+    }
+}
+
+/// [`tile_avx2`] for f16 panels.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the tile's pointers valid for its extents,
+/// `t.rows == R`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2_f16<const R: usize, const U: usize>(t: &Tile<u16>) {
+    // SAFETY: same contract.
+    unsafe { tile_body::<R, U, u16>(t) }
+}
 
 /// Computes one tile (see [`Tile`]).
 ///
@@ -59,6 +137,17 @@ pub unsafe fn tile(t: &Tile) {
 /// AVX2 and FMA must be available; the tile's pointers valid for its extents, `t.rows == R`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize, const U: usize>(t: &Tile) {
+    // SAFETY: same contract.
+    unsafe { tile_body::<R, U, f32>(t) }
+}
+
+/// The body of [`tile_avx2`] for either panel element, inlined into a function that enables
+/// the features its loads need.
+///
+/// # Safety
+/// As for [`tile_avx2`] (and F16C for f16 panels).
+#[inline(always)]
+unsafe fn tile_body<const R: usize, const U: usize, P: PanelRow>(t: &Tile<P>) {
     let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
     let mut rows = [t.a; R];
     for (i, row) in rows.iter_mut().enumerate() {
@@ -72,8 +161,7 @@ unsafe fn tile_avx2<const R: usize, const U: usize>(t: &Tile) {
     unsafe {
         while kk + U <= t.k {
             for set in acc.iter_mut() {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.add(8));
+                let (b0, b1) = P::load(b);
                 let off = kk * t.a_cs;
                 for (acc_i, row) in set.iter_mut().zip(&rows) {
                     let av = _mm256_broadcast_ss(&*row.add(off));
@@ -85,8 +173,7 @@ unsafe fn tile_avx2<const R: usize, const U: usize>(t: &Tile) {
             }
         }
         while kk < t.k {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
+            let (b0, b1) = P::load(b);
             let off = kk * t.a_cs;
             for (acc_i, row) in acc[0].iter_mut().zip(&rows) {
                 let av = _mm256_broadcast_ss(&*row.add(off));

@@ -1,0 +1,1536 @@
+//! AVX2 kernels for compressed weights (with FMA and F16C; each entry point checks the CPU and
+//! falls back to [`super::generic`] without them).
+//!
+//! # int8 activations ([`qgemm_q8`])
+//!
+//! Codes are unpacked to one byte per weight and multiplied with the int8 activations in
+//! `maddubs` (u8 × i8 pairs → i16) and `madd` (→ i32) — the integer sums are exactly the
+//! reference's. How a byte becomes a weight depends on the table, checked once per call:
+//! - *affine* (one table with `lut_i8[c] = α·c + β`, b ≤ 7: int2..7 group quantization, binary):
+//!   `Σ w·q = α·Σ c·q + β·Σ q`, with the codes themselves as the unsigned `maddubs` operand and
+//!   `Σ q` shared by all rows;
+//! - *linear int8* (b = 8, `lut_i8[c] = max(c − 128, lut_i8[0])`, int8 per row): `c ^ 0x80`;
+//! - *table* (codebooks, ternary, anything else): `pshufb` looks the i8 table up (b ≤ 4, one
+//!   16-entry table; b = 5..8, `2^(b−4)` sub-tables selected by the high nibble), then the sign
+//!   trick `maddubs(|q|, sign(w, q))` (or `maddubs(|w|, sign(q, w))` when a table holds −128).
+//!
+//! For 1, 2 and 4 bits a *superblock* of 4, 4 and 2 blocks is unpacked with a handful of shifts
+//! and masks straight from the bit planes (for 2 bits: one 32-byte load, `srli` by 0, 2, 4, 6,
+//! mask), which leaves the weights in a permuted order; the activations, shared by every weight
+//! row, are permuted to match (a 4×4 transpose of 8- or 4-byte pieces, or a lane swap). Other
+//! widths unpack one block in natural order. Per superblock and output the i32 sums are
+//! converted once and accumulated with `d·scale` per lane (one lane group per block).
+//!
+//! Tiles: 4 weight rows × 1 activation row for GEMV, 2 × 4 otherwise. The activation side of a
+//! superblock (permuted codes, `|q|` or `β·Σq`, per-lane `d`) is prepared once per activation
+//! tile in a bounded stack buffer and shared by every weight row (rows too long for it prepare it
+//! per tile). Each output's arithmetic is the same whatever tile computes it, so threaded and
+//! single-threaded runs agree bit for bit. Rows are padded with zeros to whole blocks, so only
+//! the last superblock of a row can be partial; it is read from zero-padded copies.
+//!
+//! [`quantize_q8`] is the exact AVX2 version of [`super::quantize_q8`].
+//!
+//! # f32 activations ([`qgemm_f32`])
+//!
+//! A block of 32 codes is unpacked in natural order; for b ≤ 4 two `pshufb` look up the low and
+//! high bytes of the f16 table entries, `unpack` interleaves them and `cvtph2ps` widens them to
+//! four vectors of 8 f32 (b ≥ 5: gathers from the table converted to f32). The decoded block is
+//! used by every activation row of the tile: 1 weight row × 8 activation rows (which stay in L1
+//! while the weight rows stream by), 4 × 1 for GEMV. Group scales multiply the decoded weights;
+//! a row's single scale multiplies its sum.
+//!
+//! # N:M sparse ([`sparse_gemm`])
+//!
+//! 2:4 takes 8 values (16 inputs) at a time: positions become `vpermilps` indices into the two
+//! halves of the 16 inputs, a blend merges them. Other patterns with `N` in {1, 2, 4, 8} gather
+//! the inputs (`vgatherdps`); the rest, and ragged ends, run scalar.
+
+// Tiles walk several per-row (or per-activation-row) arrays with the same index.
+#![allow(clippy::needless_range_loop)]
+
+use core::arch::x86_64::*;
+
+use edgetune_core::layout::BLOCK;
+use edgetune_core::Activation;
+
+use super::{generic, q8_row_bytes, QGemm, QWeights, SparseWeights};
+use crate::math;
+
+/// True when this CPU can run these kernels.
+fn available() -> bool {
+    crate::kernels::x86_64_has_avx2_fma() && crate::kernels::x86_64_has_f16c()
+}
+
+/// Name shown for these kernels.
+pub const NAME: &str = "x86_64-avx2";
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Where outputs go: `c[i·c_rs + j·c_cs] = act(v + bias[j])`.
+#[derive(Clone, Copy)]
+struct Out {
+    c: *mut f32,
+    c_rs: usize,
+    c_cs: usize,
+    bias: *const f32,
+    act: Activation,
+    /// `act` is the identity (checked once: `math::apply` is a call per element).
+    identity: bool,
+}
+
+impl Out {
+    fn new(c: &mut [f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>, act: Activation) -> Out {
+        let bias = bias.map_or(core::ptr::null(), |b| b.as_ptr());
+        Out { c: c.as_mut_ptr(), c_rs, c_cs, bias, act, identity: act.is_identity() }
+    }
+
+    /// Writes output `(i, j)`.
+    ///
+    /// # Safety
+    /// `(i, j)` must be inside the `C` and bias extents the caller checked.
+    #[inline(always)]
+    unsafe fn put(&self, i: usize, j: usize, v: f32) {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            let b = if self.bias.is_null() { 0.0 } else { *self.bias.add(j) };
+            let y = if self.identity { v + b } else { math::apply(&self.act, v + b) };
+            *self.c.add(i * self.c_rs + j * self.c_cs) = y;
+        }
+    }
+}
+
+impl Out {
+    /// Writes outputs `(i, j0..j0 + 4)` from `v`, those below `n`.
+    ///
+    /// # Safety
+    /// The outputs below `n` must be inside the `C` and bias extents the caller checked.
+    #[inline(always)]
+    unsafe fn put4(&self, i: usize, j0: usize, n: usize, v: __m128) {
+        // SAFETY: as the caller guarantees; the vector paths touch only columns j0..j0+4 < n.
+        unsafe {
+            if j0 + 4 <= n && self.c_cs == 1 && self.identity {
+                let b = if self.bias.is_null() { _mm_setzero_ps() } else { _mm_loadu_ps(self.bias.add(j0)) };
+                _mm_storeu_ps(self.c.add(i * self.c_rs + j0), _mm_add_ps(v, b));
+            } else {
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), v);
+                for (r, x) in out.iter().enumerate().take(n.saturating_sub(j0).min(4)) {
+                    self.put(i, j0 + r, *x);
+                }
+            }
+        }
+    }
+}
+
+/// Asserts that `C` and the bias hold an `m × n` product (the raw-pointer kernels rely on it).
+fn check_out(m: usize, n: usize, c: &[f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>) {
+    assert!((m - 1) * c_rs + (n - 1) * c_cs < c.len(), "qgemm: C too short");
+    assert!(bias.is_none_or(|b| b.len() >= n), "qgemm: bias too short");
+}
+
+/// Sum of the 8 lanes, in a fixed order.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only AVX operations; the caller runs with AVX2 enabled.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The lane sums of four vectors, in a fixed order.
+#[inline(always)]
+unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
+    // SAFETY: register-only AVX operations; the caller runs with AVX2 enabled.
+    unsafe {
+        let t0 = _mm256_hadd_ps(v[0], v[1]);
+        let t1 = _mm256_hadd_ps(v[2], v[3]);
+        let t2 = _mm256_hadd_ps(t0, t1);
+        _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps::<1>(t2))
+    }
+}
+
+/// An f16 value (bits) as f32.
+#[inline(always)]
+unsafe fn f16_to_f32(bits: u16) -> f32 {
+    // SAFETY: register-only F16C operation; the caller runs with F16C enabled.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+}
+
+/// Reads a little-endian f16 at byte `o` of `p`.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8, o: usize) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p + o`.
+    unsafe { f16_to_f32(u16::from_le_bytes([*p.add(o), *p.add(o + 1)])) }
+}
+
+/// Reads a little-endian f32 at `p` (any alignment).
+#[inline(always)]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees four readable bytes.
+    unsafe { f32::from_le_bytes(core::ptr::read_unaligned(p as *const [u8; 4])) }
+}
+
+/// The smallest and largest of `bytes` as i8 (and at most 0, at least 0).
+#[target_feature(enable = "avx2")]
+unsafe fn i8_range(bytes: &[u8]) -> (i8, i8) {
+    let mut chunks = bytes.chunks_exact(32);
+    let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for c in &mut chunks {
+        // SAFETY: `c` holds 32 bytes.
+        let v = unsafe { _mm256_loadu_si256(c.as_ptr() as *const __m256i) };
+        lo = _mm256_min_epi8(lo, v);
+        hi = _mm256_max_epi8(hi, v);
+    }
+    let mut l = [0i8; 32];
+    let mut h = [0i8; 32];
+    // SAFETY: the arrays hold 32 bytes.
+    unsafe {
+        _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, lo);
+        _mm256_storeu_si256(h.as_mut_ptr() as *mut __m256i, hi);
+    }
+    let (mut lo, mut hi) = (l.iter().fold(0i8, |a, &b| a.min(b)), h.iter().fold(0i8, |a, &b| a.max(b)));
+    for &v in chunks.remainder() {
+        lo = lo.min(v as i8);
+        hi = hi.max(v as i8);
+    }
+    (lo, hi)
+}
+
+/// The table of weight row `row` (`rpt` rows per table) without a division in the common
+/// cases (one table per row, one for the tensor).
+#[inline(always)]
+fn table_of(row: usize, rpt: usize, n: usize) -> usize {
+    if rpt == 1 {
+        row
+    } else if rpt >= n {
+        0
+    } else {
+        row / rpt
+    }
+}
+
+/// Checks that every part of a block-quantized weight lies inside its bytes (the int8 tables
+/// only for the int8 path: they exist only with the int8 flag).
+fn check_q(w: &QWeights<'_>, int8: bool) {
+    let l = w.layout;
+    let e = l.entries();
+    let ends = [
+        l.n * l.row_bytes(),
+        l.lut_off + l.tables * e * 2,
+        if int8 { l.lut_i8_off + l.tables * e } else { 0 },
+        if int8 { l.lut_scale_off + l.tables * 4 } else { 0 },
+        l.scales_off + l.n * l.groups_per_row() * 2,
+    ];
+    assert!(ends.iter().all(|&end| end <= w.bytes.len()), "qgemm: weight bytes too short");
+    assert!(l.tables * l.rows_per_table >= l.n && l.kp.is_multiple_of(l.group), "qgemm: inconsistent layout");
+}
+
+/// Blocks per superblock for `bits`-bit codes (see the module documentation).
+#[inline(always)]
+const fn sb_blocks(bits: usize) -> usize {
+    match bits {
+        1 | 2 => 4,
+        4 => 2,
+        _ => 1,
+    }
+}
+
+/// For each i32 lane of a superblock's sums, the block it belongs to.
+#[inline(always)]
+unsafe fn lane_blocks<const B: usize>() -> __m256i {
+    // SAFETY: register-only AVX operations.
+    unsafe {
+        match B {
+            1 => _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3),
+            2 => _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+            4 => _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            _ => _mm256_setzero_si256(),
+        }
+    }
+}
+
+/// Loads `S` f32 (per-block values) and spreads them over the lanes of their blocks.
+#[inline(always)]
+unsafe fn per_lane<const B: usize>(p: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees `sb_blocks(B)` readable f32 at `p`.
+    unsafe {
+        match sb_blocks(B) {
+            4 => _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), lane_blocks::<B>()),
+            2 => {
+                let v = _mm_castpd_ps(_mm_load_sd(p as *const f64));
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), lane_blocks::<B>())
+            }
+            _ => _mm256_broadcast_ss(&*p),
+        }
+    }
+}
+
+/// The codes of one block in natural order (byte `e` = code of element `e`), for any width.
+#[inline(always)]
+unsafe fn natural_codes<const B: usize>(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees the block's 4·B bytes at `p`; AVX2 is enabled.
+    unsafe {
+        // Planes largest first; each adds the next bits of the code. A plane below 8 bits
+        // never shifts bits out of its byte (shift + width ≤ 8), so 16-bit shifts are exact.
+        let mut code = _mm256_setzero_si256();
+        let mut at = 0;
+        let mut shift = 0i64;
+        let mut add = |v: __m256i, shift: i64| {
+            let v = if shift == 0 { v } else { _mm256_sll_epi16(v, _mm_cvtsi64_si128(shift)) };
+            code = _mm256_or_si256(code, v);
+        };
+        if B & 8 != 0 {
+            add(_mm256_loadu_si256(p as *const __m256i), 0);
+            at += 32;
+            shift += 8;
+        }
+        if B & 4 != 0 {
+            let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(at) as *const __m128i));
+            add(_mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F)), shift);
+            at += 16;
+            shift += 4;
+        }
+        if B & 2 != 0 {
+            let x = _mm256_set1_epi64x(core::ptr::read_unaligned(p.add(at) as *const i64));
+            add(_mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3)), shift);
+            at += 8;
+            shift += 2;
+        }
+        if B & 1 != 0 {
+            let x = _mm256_set1_epi32(core::ptr::read_unaligned(p.add(at) as *const i32));
+            add(_mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), _mm256_set1_epi8(1)), shift);
+        }
+        code
+    }
+}
+
+/// One superblock's codes (`sb_blocks(B)` blocks from `p`), one byte per weight, in the
+/// superblock order of the module documentation.
+#[inline(always)]
+unsafe fn superblock_codes<const B: usize>(p: *const u8) -> [__m256i; 4] {
+    // SAFETY: the caller guarantees the superblock's bytes at `p`; AVX2 is enabled.
+    unsafe {
+        let z = _mm256_setzero_si256();
+        match B {
+            4 => {
+                let x = _mm256_loadu_si256(p as *const __m256i);
+                let m = _mm256_set1_epi8(0x0F);
+                [_mm256_and_si256(x, m), _mm256_and_si256(_mm256_srli_epi16::<4>(x), m), z, z]
+            }
+            2 => {
+                let x = _mm256_loadu_si256(p as *const __m256i);
+                let m = _mm256_set1_epi8(3);
+                [
+                    _mm256_and_si256(x, m),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(x), m),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), m),
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(x), m),
+                ]
+            }
+            1 => {
+                let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+                let m = _mm256_set1_epi8(1);
+                let sh = |s: i32| _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(s, s, s, s, s + 4, s + 4, s + 4, s + 4)), m);
+                [sh(0), sh(1), sh(2), sh(3)]
+            }
+            _ => [natural_codes::<B>(p), z, z, z],
+        }
+    }
+}
+
+/// One superblock of int8 activations (`sb_blocks(B)` blocks of 32 from `q`), arranged to meet
+/// [`superblock_codes`].
+#[inline(always)]
+unsafe fn superblock_acts<const B: usize>(q: *const u8) -> [__m256i; 4] {
+    // SAFETY: the caller guarantees `32·sb_blocks(B)` readable bytes at `q`; AVX2 is enabled.
+    unsafe {
+        let z = _mm256_setzero_si256();
+        let ld = |j: usize| _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+        match B {
+            4 => {
+                let (a0, a1) = (ld(0), ld(1));
+                [_mm256_permute2x128_si256::<0x20>(a0, a1), _mm256_permute2x128_si256::<0x31>(a0, a1), z, z]
+            }
+            2 => {
+                // 4×4 transpose of 8-byte pieces: t_s holds piece s of each block.
+                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
+                let u0 = _mm256_unpacklo_epi64(a0, a1);
+                let u1 = _mm256_unpackhi_epi64(a0, a1);
+                let u2 = _mm256_unpacklo_epi64(a2, a3);
+                let u3 = _mm256_unpackhi_epi64(a2, a3);
+                [
+                    _mm256_permute2x128_si256::<0x20>(u0, u2),
+                    _mm256_permute2x128_si256::<0x20>(u1, u3),
+                    _mm256_permute2x128_si256::<0x31>(u0, u2),
+                    _mm256_permute2x128_si256::<0x31>(u1, u3),
+                ]
+            }
+            1 => {
+                // 4×4 transpose of 4-byte pieces within each 128-bit lane.
+                let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
+                let u0 = _mm256_unpacklo_epi32(a0, a1);
+                let u1 = _mm256_unpackhi_epi32(a0, a1);
+                let u2 = _mm256_unpacklo_epi32(a2, a3);
+                let u3 = _mm256_unpackhi_epi32(a2, a3);
+                [
+                    _mm256_unpacklo_epi64(u0, u2),
+                    _mm256_unpackhi_epi64(u0, u2),
+                    _mm256_unpacklo_epi64(u1, u3),
+                    _mm256_unpackhi_epi64(u1, u3),
+                ]
+            }
+            _ => [ld(0), z, z, z],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 activations
+// ---------------------------------------------------------------------------------------------
+
+/// How codes become int8 weights (see the module documentation).
+const AFFINE: u8 = 0;
+const LINEAR8: u8 = 1;
+const TABLE: u8 = 2;
+/// 2 bits, affine on codes 0–2 only (ternary: {−1, 0, 1, 0}): affine arithmetic, and a tile
+/// that holds code 3 is recomputed with the table.
+const AFFINE3: u8 = 3;
+
+/// One call's operands as raw pointers (extents checked in [`qgemm_q8`]).
+struct Q8 {
+    codes: *const u8,
+    /// Code bytes per row and per block.
+    rb: usize,
+    bb: usize,
+    /// Blocks per row.
+    nb: usize,
+    lut: *const u8,
+    entries: usize,
+    rpt: usize,
+    /// Weight rows (for [`table_of`]).
+    n: usize,
+    /// Tables below this index can be read 16 bytes at a time in place.
+    direct_tables: usize,
+    lut_scale: *const u8,
+    scales: *const u8,
+    gpr: usize,
+    /// Blocks per group.
+    bpg: usize,
+    acts: *const u8,
+    arb: usize,
+    kp: usize,
+    alpha: i16,
+    beta: i16,
+    floor: i8,
+    out: Out,
+}
+
+/// Block-quantized weights × int8-quantized activation rows (see [`super::QGemmQ8Fn`]).
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_q8(
+    w: &QWeights<'_>,
+    rows: &[u8],
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
+    let l = w.layout;
+    if m == 0 || l.n == 0 {
+        return;
+    }
+    if !available() {
+        return generic::qgemm_q8(w, rows, m, c, c_rs, c_cs, bias, act);
+    }
+    check_q(w, true);
+    check_out(m, l.n, c, c_rs, c_cs, bias);
+    let arb = q8_row_bytes(l.k);
+    assert!(rows.len() >= m * arb, "qgemm: quantized rows too short");
+
+    // The tables decide the mode.
+    let e = l.entries();
+    let luts = &w.bytes[l.lut_i8_off..l.lut_i8_off + l.tables * e];
+    // SAFETY: the CPU has AVX2 (checked above).
+    let (lo, hi) = unsafe { i8_range(luts) };
+    let maxabs = (lo as i32).abs().max(hi as i32);
+    let t0: &[u8] = &luts[..e];
+    let (mut mode, mut alpha, mut beta, mut floor) = (TABLE, 0i16, 0i16, 0i8);
+    if l.tables == 1 && l.bits <= 7 {
+        let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
+        if t0.iter().enumerate().all(|(c, &v)| v as i8 as i32 == a * c as i32 + b) {
+            (mode, alpha, beta) = (AFFINE, a as i16, b as i16);
+        }
+    }
+    if mode == TABLE && l.tables == 1 && l.bits == 2 {
+        let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
+        if t0[2] as i8 as i32 == 2 * a + b {
+            (mode, alpha, beta) = (AFFINE3, a as i16, b as i16);
+        }
+    }
+    if l.tables == 1 && l.bits == 8 {
+        let f = t0[0] as i8;
+        if (f == -128 || f == -127) && t0.iter().enumerate().skip(1).all(|(c, &v)| v as i8 as i32 == c as i32 - 128) {
+            (mode, floor) = (LINEAR8, f);
+        }
+    }
+    // |w| = 128 breaks `sign(w, q)`: multiply |w| with sign(q, w) instead.
+    let abs_w = lo == -128;
+    let s = sb_blocks(l.bits);
+    // Table weights small enough that the `maddubs` results of a superblock add up in i16.
+    let sum16 = s > 1 && (s * 2 * 127) as i32 * maxabs <= i16::MAX as i32;
+
+    let cx = Q8 {
+        codes: w.bytes.as_ptr(),
+        rb: l.row_bytes(),
+        bb: l.block_bytes(),
+        nb: l.kp / BLOCK,
+        lut: w.bytes[l.lut_i8_off..].as_ptr(),
+        entries: e,
+        rpt: l.rows_per_table,
+        n: l.n,
+        direct_tables: (w.bytes.len().saturating_sub(l.lut_i8_off + 16) / e + 1).min(l.tables),
+        lut_scale: w.bytes[l.lut_scale_off..].as_ptr(),
+        scales: w.bytes[l.scales_off..].as_ptr(),
+        gpr: l.groups_per_row(),
+        bpg: l.group / BLOCK,
+        acts: rows.as_ptr(),
+        arb,
+        kp: l.kp,
+        alpha,
+        beta,
+        floor,
+        out: Out::new(c, c_rs, c_cs, bias, act),
+    };
+    macro_rules! go {
+        ($b:literal) => {
+            match (mode, abs_w, sum16) {
+                (AFFINE, _, _) => q8_run::<$b, AFFINE, false, true>(&cx, m, l.n),
+                (LINEAR8, false, _) => q8_run::<$b, LINEAR8, false, false>(&cx, m, l.n),
+                (LINEAR8, true, _) => q8_run::<$b, LINEAR8, true, false>(&cx, m, l.n),
+                (_, false, true) => q8_run::<$b, TABLE, false, true>(&cx, m, l.n),
+                (_, false, false) => q8_run::<$b, TABLE, false, false>(&cx, m, l.n),
+                (_, true, _) => q8_run::<$b, TABLE, true, false>(&cx, m, l.n),
+            }
+        };
+    }
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
+    // the extents checked above (`check_q`, `check_out`, the rows' length), and `c` is borrowed
+    // mutably for this call.
+    unsafe {
+        match l.bits {
+            1 => go!(1),
+            2 if mode == AFFINE3 && !abs_w && sum16 => q8_run::<2, AFFINE3, false, true>(&cx, m, l.n),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            _ => go!(8),
+        }
+    }
+}
+
+/// All tiles of one call: 4 weight rows × 1 activation row when `m < 4` (GEMV), else 2 × 4.
+/// Ragged edges repeat the last row (its extra results are dropped), so every output comes
+/// out of the same arithmetic.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(cx: &Q8, m: usize, n: usize) {
+    // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped).
+    unsafe {
+        if cx.gpr > 1 {
+            q8_tiles::<B, MODE, ABS_W, SUM16, true>(cx, m, n)
+        } else {
+            q8_tiles::<B, MODE, ABS_W, SUM16, false>(cx, m, n)
+        }
+    }
+}
+
+/// [`q8_run`] for rows with one scale (`G` false) or several.
+///
+/// # Safety
+/// As for [`q8_run`].
+#[inline(always)]
+unsafe fn q8_tiles<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool>(cx: &Q8, m: usize, n: usize) {
+    // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped); the
+    // prepared activations cover the tile's rows and every superblock.
+    unsafe {
+        let nsb = cx.nb.div_ceil(sb_blocks(B));
+        let mut buf = [const { core::mem::MaybeUninit::<Acts>::uninit() }; ACTS_CAP];
+        if m < 4 {
+            for i in 0..m {
+                let pre = (nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 1, m, &mut buf));
+                for j in (0..n).step_by(4) {
+                    q8_tile::<B, MODE, ABS_W, SUM16, G, 4, 1>(cx, j, n, i, m, pre);
+                }
+            }
+        } else {
+            for i in (0..m).step_by(4) {
+                let pre = (4 * nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 4, m, &mut buf));
+                for j in (0..n).step_by(2) {
+                    q8_tile::<B, MODE, ABS_W, SUM16, G, 2, 4>(cx, j, n, i, m, pre);
+                }
+            }
+        }
+    }
+}
+
+/// Activation superblocks prepared once per activation tile (in a stack buffer of
+/// `ACTS_CAP · 320` bytes) and shared by every weight row; longer rows prepare them per tile.
+const ACTS_CAP: usize = 64;
+
+/// Tiles whose rows have at most this many group scales in all convert them to f32 up front.
+const SCALES_CAP: usize = 256;
+
+/// Prepares the superblocks of activation rows `i0..i0 + ma` (clamped to `m`) into `buf`, row
+/// after row, and returns their start.
+///
+/// # Safety
+/// `cx` must describe valid activation rows; `buf` must hold `ma · nsb` entries.
+#[inline(always)]
+unsafe fn q8_prepare<const B: usize, const MODE: u8, const ABS_W: bool>(
+    cx: &Q8,
+    i0: usize,
+    ma: usize,
+    m: usize,
+    buf: &mut [core::mem::MaybeUninit<Acts>; ACTS_CAP],
+) -> *const Acts {
+    // SAFETY: rows min(i0 + i, m − 1) < m hold Kp codes then Kp/32 scales; the last, partial
+    // superblock is read from zero-padded copies; entries stay below ma · nsb ≤ ACTS_CAP.
+    unsafe {
+        let s = sb_blocks(B);
+        let nsb = cx.nb.div_ceil(s);
+        for i in 0..ma {
+            let row = cx.acts.add((i0 + i).min(m - 1) * cx.arb);
+            for sb in 0..nsb {
+                let b0 = sb * s;
+                let valid = (cx.nb - b0).min(s);
+                let (mut ap, mut dp) = (row.add(b0 * BLOCK), row.add(cx.kp + 4 * b0) as *const f32);
+                let mut abuf = [0u8; 128];
+                let mut dbuf = [0f32; 4];
+                if valid < s {
+                    core::ptr::copy_nonoverlapping(ap, abuf.as_mut_ptr(), valid * BLOCK);
+                    core::ptr::copy_nonoverlapping(dp, dbuf.as_mut_ptr(), valid);
+                    (ap, dp) = (abuf.as_ptr(), dbuf.as_ptr());
+                }
+                buf[i * nsb + sb].write(q8_acts::<B, MODE, ABS_W>(cx, ap, dp));
+            }
+        }
+        buf.as_ptr() as *const Acts
+    }
+}
+
+/// Looks 32 codes up in an i8 table of 2^B entries at `tp` (for B ≤ 4: 16 bytes, zero-padded).
+#[inline(always)]
+unsafe fn lookup_i8<const B: usize>(c: __m256i, tp: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees the table bytes at `tp` (16 for B ≤ 4, 2^B otherwise).
+    unsafe {
+        if B <= 4 {
+            let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(tp as *const __m128i));
+            return _mm256_shuffle_epi8(t, c);
+        }
+        let m = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(c, m);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), m);
+        let mut r = _mm256_setzero_si256();
+        for j in 0..1usize << (B - 4) {
+            let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(tp.add(16 * j) as *const __m128i));
+            let sel = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(j as i8));
+            r = _mm256_blendv_epi8(r, _mm256_shuffle_epi8(t, lo), sel);
+        }
+        r
+    }
+}
+
+/// Int8 weights of one superblock of codes.
+#[inline(always)]
+unsafe fn q8_weights<const B: usize, const MODE: u8>(cx: &Q8, cp: *const u8, tp: *const u8) -> [__m256i; 4] {
+    // SAFETY: the caller guarantees the superblock's codes at `cp` and the table at `tp`.
+    unsafe {
+        let mut c = superblock_codes::<B>(cp);
+        for v in c.iter_mut().take(sb_blocks(B)) {
+            *v = match MODE {
+                AFFINE | AFFINE3 => *v,
+                LINEAR8 => _mm256_max_epi8(_mm256_xor_si256(*v, _mm256_set1_epi8(-128)), _mm256_set1_epi8(cx.floor)),
+                _ => lookup_i8::<B>(*v, tp),
+            };
+        }
+        c
+    }
+}
+
+/// One activation row's superblock, ready to multiply.
+#[derive(Clone, Copy)]
+struct Acts {
+    t: [__m256i; 4],
+    /// |t| (table and linear modes, `!ABS_W`).
+    aq: [__m256i; 4],
+    /// β·Σq per lane (affine mode).
+    bsq: __m256i,
+    /// Activation scale per lane.
+    dv: __m256,
+}
+
+#[inline(always)]
+unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(cx: &Q8, ap: *const u8, dp: *const f32) -> Acts {
+    // SAFETY: the caller guarantees the superblock's activations at `ap` and scales at `dp`.
+    unsafe {
+        let s = sb_blocks(B);
+        let t = superblock_acts::<B>(ap);
+        let mut a = Acts { t, aq: t, bsq: _mm256_setzero_si256(), dv: per_lane::<B>(dp) };
+        if MODE == AFFINE || MODE == AFFINE3 {
+            let ones8 = _mm256_set1_epi8(1);
+            let mut p = _mm256_maddubs_epi16(ones8, t[0]);
+            for v in t.iter().take(s).skip(1) {
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(ones8, *v));
+            }
+            a.bsq = _mm256_madd_epi16(p, _mm256_set1_epi16(cx.beta));
+        }
+        if MODE == AFFINE3 || (MODE != AFFINE && !ABS_W) {
+            // (AFFINE3: for the table recomputation of a tile holding code 3.)
+            for k in 0..s {
+                a.aq[k] = _mm256_abs_epi8(t[k]);
+            }
+        }
+        a
+    }
+}
+
+/// `Σ w·q` per lane of one superblock (i32, exact).
+#[inline(always)]
+unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(cx: &Q8, w: &[__m256i; 4], a: &Acts) -> __m256i {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let s = sb_blocks(B);
+        let prod = |k: usize| -> __m256i {
+            match MODE {
+                AFFINE | AFFINE3 => _mm256_maddubs_epi16(w[k], a.t[k]),
+                _ if ABS_W => _mm256_maddubs_epi16(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(a.t[k], w[k])),
+                _ => _mm256_maddubs_epi16(a.aq[k], _mm256_sign_epi8(w[k], a.t[k])),
+            }
+        };
+        let ones16 = _mm256_set1_epi16(1);
+        let affine = MODE == AFFINE || MODE == AFFINE3;
+        if affine || SUM16 {
+            let mut p = prod(0);
+            for k in 1..s {
+                p = _mm256_add_epi16(p, prod(k));
+            }
+            if affine {
+                _mm256_add_epi32(_mm256_madd_epi16(p, _mm256_set1_epi16(cx.alpha)), a.bsq)
+            } else {
+                _mm256_madd_epi16(p, ones16)
+            }
+        } else {
+            let mut v = _mm256_madd_epi16(prod(0), ones16);
+            for k in 1..s {
+                v = _mm256_add_epi32(v, _mm256_madd_epi16(prod(k), ones16));
+            }
+            v
+        }
+    }
+}
+
+/// One superblock of a tile: `acc[r][i] += Σ w·q · d · scale` per lane.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_step<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool, const NW: usize, const MA: usize>(
+    cx: &Q8,
+    cp: &[*const u8; NW],
+    tp: &[*const u8; NW],
+    ap: &[*const u8; MA],
+    dp: &[*const f32; MA],
+    pre: Option<&[*const Acts; MA]>,
+    sv: &[__m256; NW],
+    acc: &mut [[__m256; MA]; NW],
+    code3: &mut __m256i,
+) {
+    // SAFETY: the caller guarantees every pointer's superblock (the prepared one when `pre`).
+    unsafe {
+        if MODE == AFFINE3 {
+            // Both bits of a 2-bit field set (code 3) leave a bit at an even position.
+            for r in 0..NW {
+                let x = _mm256_loadu_si256(cp[r] as *const __m256i);
+                *code3 = _mm256_or_si256(*code3, _mm256_and_si256(x, _mm256_srli_epi16::<1>(x)));
+            }
+        }
+        // Prepared activations are used in place (their fields become memory operands).
+        if MA == 1 {
+            // GEMV: one activation superblock, then each row decoded and used at once.
+            let local;
+            let a: &Acts = match pre {
+                Some(p) => &*p[0],
+                None => {
+                    local = q8_acts::<B, MODE, ABS_W>(cx, ap[0], dp[0]);
+                    &local
+                }
+            };
+            for r in 0..NW {
+                let w = q8_weights::<B, MODE>(cx, cp[r], tp[r]);
+                let isum = q8_dot::<B, MODE, ABS_W, SUM16>(cx, &w, a);
+                let ds = if G { _mm256_mul_ps(a.dv, sv[r]) } else { a.dv };
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ds, acc[r][0]);
+            }
+        } else {
+            let mut w = [[_mm256_setzero_si256(); 4]; NW];
+            for r in 0..NW {
+                w[r] = q8_weights::<B, MODE>(cx, cp[r], tp[r]);
+            }
+            for i in 0..MA {
+                let local;
+                let a: &Acts = match pre {
+                    Some(p) => &*p[i],
+                    None => {
+                        local = q8_acts::<B, MODE, ABS_W>(cx, ap[i], dp[i]);
+                        &local
+                    }
+                };
+                for r in 0..NW {
+                    let isum = q8_dot::<B, MODE, ABS_W, SUM16>(cx, &w[r], a);
+                    let ds = if G { _mm256_mul_ps(a.dv, sv[r]) } else { a.dv };
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ds, acc[r][i]);
+                }
+            }
+        }
+    }
+}
+
+/// The group scales of one row (`srow`, or `sf` when converted up front) for the superblock
+/// starting at block `b0`: one value when the superblock lies in one group (`whole`), else one
+/// per block, spread over its lanes.
+#[inline(always)]
+unsafe fn q8_scales<const B: usize>(cx: &Q8, srow: *const u8, sf: Option<*const f32>, b0: usize, whole: bool) -> __m256 {
+    // SAFETY: the caller guarantees the row's scales at `srow` (and at `sf`, for superblocks
+    // inside the row); blocks past the row's end use the last block's group.
+    unsafe {
+        if let Some(sf) = sf {
+            if whole {
+                return _mm256_broadcast_ss(&*sf.add(b0 / cx.bpg));
+            }
+            if cx.bpg == 1 {
+                return per_lane::<B>(sf.add(b0));
+            }
+        }
+        if whole {
+            return _mm256_set1_ps(f16_at(srow, 2 * (b0 / cx.bpg)));
+        }
+        let mut blk = [0f32; 4];
+        for (jb, v) in blk.iter_mut().enumerate().take(sb_blocks(B)) {
+            *v = f16_at(srow, 2 * ((b0 + jb).min(cx.nb - 1) / cx.bpg));
+        }
+        per_lane::<B>(blk.as_ptr())
+    }
+}
+
+/// A tile of weight rows `j0..j0+NW` × activation rows `i0..i0+MA`; rows at or past `n` / `m`
+/// repeat the last one and their results are dropped.
+///
+/// # Safety
+/// As for [`q8_run`], with `j0 < n` and `i0 < m`.
+#[inline(always)]
+unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool, const NW: usize, const MA: usize>(
+    cx: &Q8,
+    j0: usize,
+    n: usize,
+    i0: usize,
+    m: usize,
+    pre: Option<*const Acts>,
+) {
+    // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
+    // tables and scales, or activation row min(i0 + i, m − 1) (its Kp codes then Kp/32
+    // scales), all checked in `qgemm_q8`; the last, partial superblock is read from
+    // zero-padded local copies.
+    unsafe {
+        let s = sb_blocks(B);
+        let sbb = s * cx.bb;
+        let grouped = G;
+        let row = |r: usize| (j0 + r).min(n - 1);
+        let arow = |i: usize| (i0 + i).min(m - 1);
+        // Tables: b ≤ 4 reads 16 bytes (entries past 2^b are never looked up); near the end of
+        // the bytes, from a zero-padded copy.
+        let mut tcopy = [[0u8; 16]; NW];
+        let mut tp = [core::ptr::null::<u8>(); NW];
+        for r in 0..NW {
+            let t = table_of(row(r), cx.rpt, cx.n);
+            tp[r] = cx.lut.add(t * cx.entries);
+            if B < 4 && t >= cx.direct_tables {
+                core::ptr::copy_nonoverlapping(tp[r], tcopy[r].as_mut_ptr(), 1 << B);
+                tp[r] = tcopy[r].as_ptr();
+            }
+        }
+        let mut cp = [core::ptr::null::<u8>(); NW];
+        for r in 0..NW {
+            cp[r] = cx.codes.add(row(r) * cx.rb);
+        }
+        let mut ap = [core::ptr::null::<u8>(); MA];
+        let mut dp = [core::ptr::null::<f32>(); MA];
+        for i in 0..MA {
+            ap[i] = cx.acts.add(arow(i) * cx.arb);
+            dp[i] = ap[i].add(cx.kp) as *const f32;
+        }
+        let mut acc = [[_mm256_setzero_ps(); MA]; NW];
+        let mut sv = [_mm256_set1_ps(1.0); NW];
+        let nfull = cx.nb / s;
+        // Superblocks per group when groups hold whole superblocks, else 0 (per-lane scales).
+        let sbpg = if cx.bpg.is_multiple_of(s) { cx.bpg / s } else { 0 };
+        let mut srow = [core::ptr::null::<u8>(); NW];
+        for r in 0..NW {
+            srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
+        }
+        // Group scales of the tile's rows (contiguous when no row repeats) as f32, converted 8
+        // at a time once per tile when they are few and the whole vectors lie inside the scales.
+        let mut sf = core::mem::MaybeUninit::<[f32; SCALES_CAP + 8]>::uninit();
+        let count = NW * cx.gpr;
+        let vecs = count.div_ceil(8);
+        let sf_ok = grouped && count <= SCALES_CAP && j0 + NW <= n && (j0 * cx.gpr + 8 * vecs) <= n * cx.gpr;
+        if sf_ok {
+            let dst = sf.as_mut_ptr() as *mut f32;
+            for q in 0..vecs {
+                _mm256_storeu_ps(dst.add(8 * q), _mm256_cvtph_ps(_mm_loadu_si128(srow[0].add(16 * q) as *const __m128i)));
+            }
+        }
+        // Row r's scales start at entry r · gpr (full superblocks only read inside the row).
+        let sfp = |r: usize| sf_ok.then(|| (sf.as_ptr() as *const f32).wrapping_add(r * cx.gpr));
+        // Prepared activations: row i's superblocks start at entry i · nsb.
+        let nsb = cx.nb.div_ceil(s);
+        let mut code3 = _mm256_setzero_si256();
+        let mut pp = [core::ptr::null::<Acts>(); MA];
+        if let Some(p) = pre {
+            for i in 0..MA {
+                pp[i] = p.add(i * nsb);
+            }
+        }
+        for sb in 0..nfull {
+            if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
+                for r in 0..NW {
+                    sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
+                }
+            }
+            let prep = pre.map(|_| &pp);
+            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3);
+            for p in cp.iter_mut() {
+                *p = p.add(sbb);
+            }
+            for i in 0..MA {
+                ap[i] = ap[i].add(s * BLOCK);
+                dp[i] = dp[i].add(s);
+                pp[i] = pp[i].wrapping_add(1);
+            }
+        }
+        let valid = cx.nb - nfull * s;
+        if valid > 0 {
+            let mut cbuf = [[0u8; 32]; NW];
+            let mut abuf = [[0u8; 128]; MA];
+            let mut dbuf = [[0f32; 4]; MA];
+            for r in 0..NW {
+                core::ptr::copy_nonoverlapping(cp[r], cbuf[r].as_mut_ptr(), valid * cx.bb);
+                cp[r] = cbuf[r].as_ptr();
+            }
+            if pre.is_none() {
+                for i in 0..MA {
+                    core::ptr::copy_nonoverlapping(ap[i], abuf[i].as_mut_ptr(), valid * BLOCK);
+                    core::ptr::copy_nonoverlapping(dp[i], dbuf[i].as_mut_ptr(), valid);
+                    ap[i] = abuf[i].as_ptr();
+                    dp[i] = dbuf[i].as_ptr();
+                }
+            }
+            if grouped {
+                for r in 0..NW {
+                    sv[r] = q8_scales::<B>(cx, srow[r], None, nfull * s, sbpg > 0);
+                }
+            }
+            let prep = pre.map(|_| &pp);
+            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3);
+        }
+        if MODE == AFFINE3 && _mm256_testz_si256(code3, _mm256_set1_epi8(0x55)) == 0 {
+            // Code 3 is not on the line: redo the tile with the table (same integer sums where
+            // the line holds, so the same results).
+            return q8_tile::<B, TABLE, false, SUM16, G, NW, MA>(cx, j0, n, i0, m, pre);
+        }
+        // Per output: (Σ lanes) · lut_scale · (the row's scale when it has one).
+        let factor = |j: usize| {
+            let mut f = f32_at(cx.lut_scale.add(4 * table_of(j, cx.rpt, cx.n)));
+            if !grouped {
+                f *= f16_at(cx.scales, 2 * j);
+            }
+            f
+        };
+        if NW == 4 && MA == 1 {
+            // GEMV tiles: the four outputs at once.
+            let sums = hsum4([acc[0][0], acc[1][0], acc[2][0], acc[3][0]]);
+            let f = if j0 + 4 <= n && (cx.rpt == 1 || cx.rpt >= n) {
+                let ls = if cx.rpt == 1 {
+                    _mm_loadu_ps(cx.lut_scale.add(4 * j0) as *const f32)
+                } else {
+                    _mm_set1_ps(f32_at(cx.lut_scale))
+                };
+                if grouped {
+                    ls
+                } else {
+                    _mm_mul_ps(ls, _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j0) as *const __m128i)))
+                }
+            } else {
+                _mm_setr_ps(factor(row(0)), factor(row(1)), factor(row(2)), factor(row(3)))
+            };
+            cx.out.put4(i0, j0, n, _mm_mul_ps(sums, f));
+        } else {
+            for r in 0..NW {
+                let j = j0 + r;
+                if j >= n {
+                    break;
+                }
+                let f = factor(j);
+                for i in 0..MA {
+                    if i0 + i < m {
+                        cx.out.put(i0 + i, j, hsum(acc[r][i]) * f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// f32 activations
+// ---------------------------------------------------------------------------------------------
+
+/// One call's operands as raw pointers (extents checked in [`qgemm_f32`]).
+struct F32 {
+    codes: *const u8,
+    rb: usize,
+    bb: usize,
+    nb: usize,
+    lut: *const u8,
+    entries: usize,
+    rpt: usize,
+    n: usize,
+    scales: *const u8,
+    gpr: usize,
+    bpg: usize,
+    a: *const f32,
+    a_rs: usize,
+    k: usize,
+    out: Out,
+}
+
+/// Block-quantized weights × f32 activations (see [`super::QGemmF32Fn`]).
+pub fn qgemm_f32(w: &QWeights<'_>, g: QGemm<'_>) {
+    let l = w.layout;
+    if g.m == 0 || l.n == 0 {
+        return;
+    }
+    if !available() {
+        return generic::qgemm_f32(w, g);
+    }
+    check_q(w, false);
+    check_out(g.m, l.n, g.c, g.c_rs, g.c_cs, g.bias);
+    assert!((g.m - 1) * g.a_rs + l.k <= g.a.len(), "qgemm: A too short");
+    let cx = F32 {
+        codes: w.bytes.as_ptr(),
+        rb: l.row_bytes(),
+        bb: l.block_bytes(),
+        nb: l.kp / BLOCK,
+        lut: w.bytes[l.lut_off..].as_ptr(),
+        entries: l.entries(),
+        rpt: l.rows_per_table,
+        n: l.n,
+        scales: w.bytes[l.scales_off..].as_ptr(),
+        gpr: l.groups_per_row(),
+        bpg: l.group / BLOCK,
+        a: g.a.as_ptr(),
+        a_rs: g.a_rs,
+        k: l.k,
+        out: Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act),
+    };
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
+    // the extents checked above, and `c` is borrowed mutably for this call.
+    unsafe {
+        match l.bits {
+            1 => f32_run::<1>(&cx, g.m, l.n),
+            2 => f32_run::<2>(&cx, g.m, l.n),
+            3 => f32_run::<3>(&cx, g.m, l.n),
+            4 => f32_run::<4>(&cx, g.m, l.n),
+            5 => f32_run::<5>(&cx, g.m, l.n),
+            6 => f32_run::<6>(&cx, g.m, l.n),
+            7 => f32_run::<7>(&cx, g.m, l.n),
+            _ => f32_run::<8>(&cx, g.m, l.n),
+        }
+    }
+}
+
+/// All tiles: 4 weight rows × 1 activation row when `m < 4`, else 1 × 8 (ragged edges repeat
+/// the last row, whose extra results are dropped).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_run<const B: usize>(cx: &F32, m: usize, n: usize) {
+    // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped).
+    unsafe {
+        if m < 4 {
+            for i in 0..m {
+                for j in (0..n).step_by(4) {
+                    f32_tile::<B, 4, 1>(cx, j, n, i, m);
+                }
+            }
+        } else {
+            // Activation rows outer: their 8 rows stay in L1 while the weight rows stream by.
+            for i in (0..m).step_by(4) {
+                for j in (0..n).step_by(2) {
+                    f32_tile::<B, 2, 4>(cx, j, n, i, m);
+                }
+            }
+        }
+    }
+}
+
+/// A table of f16 values, ready for lookups: for b ≤ 4 its low and high bytes (16 entries,
+/// zero-padded) in both lanes; for b ≥ 5 the values as f32.
+struct F16Table {
+    lo: __m256i,
+    hi: __m256i,
+    /// The first 2^b entries are written (left uninitialized for b ≤ 4: it is not used).
+    f32s: core::mem::MaybeUninit<[f32; 256]>,
+}
+
+#[inline(always)]
+unsafe fn f16_table<const B: usize>(p: *const u8, t: &mut F16Table) {
+    // SAFETY: the caller guarantees the 2^B f16 entries (2^(B+1) bytes) at `p`.
+    unsafe {
+        let e = 1usize << B;
+        if B <= 4 {
+            let mut raw = [0u8; 32];
+            core::ptr::copy_nonoverlapping(p, raw.as_mut_ptr(), 2 * e);
+            let even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+            let odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+            let v0 = _mm_loadu_si128(raw.as_ptr() as *const __m128i);
+            let v1 = _mm_loadu_si128(raw.as_ptr().add(16) as *const __m128i);
+            let lo = _mm_unpacklo_epi64(_mm_shuffle_epi8(v0, even), _mm_shuffle_epi8(v1, even));
+            let hi = _mm_unpacklo_epi64(_mm_shuffle_epi8(v0, odd), _mm_shuffle_epi8(v1, odd));
+            t.lo = _mm256_broadcastsi128_si256(lo);
+            t.hi = _mm256_broadcastsi128_si256(hi);
+        } else {
+            for q in 0..e / 8 {
+                let h = _mm_loadu_si128(p.add(16 * q) as *const __m128i);
+                _mm256_storeu_ps((t.f32s.as_mut_ptr() as *mut f32).add(8 * q), _mm256_cvtph_ps(h));
+            }
+        }
+    }
+}
+
+/// The 32 weights of one block as four vectors of 8 f32 (elements 0–7, 8–15, 16–23, 24–31).
+#[inline(always)]
+unsafe fn f32_weights<const B: usize>(cp: *const u8, t: &F16Table) -> [__m256; 4] {
+    // SAFETY: the caller guarantees the block's codes at `cp`.
+    unsafe {
+        let c = natural_codes::<B>(cp);
+        if B <= 4 {
+            let l = _mm256_shuffle_epi8(t.lo, c);
+            let h = _mm256_shuffle_epi8(t.hi, c);
+            // Lane 0: elements 0–7 | lane 1: 16–23 (u0); 8–15 | 24–31 (u1).
+            let u0 = _mm256_unpacklo_epi8(l, h);
+            let u1 = _mm256_unpackhi_epi8(l, h);
+            [
+                _mm256_cvtph_ps(_mm256_castsi256_si128(u0)),
+                _mm256_cvtph_ps(_mm256_castsi256_si128(u1)),
+                _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(u0)),
+                _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(u1)),
+            ]
+        } else {
+            let mut bytes = [0u8; 32];
+            _mm256_storeu_si256(bytes.as_mut_ptr() as *mut __m256i, c);
+            let g = |q: usize| {
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(8 * q) as *const __m128i));
+                // Codes are below 2^B: the gather reads only written entries.
+                _mm256_i32gather_ps::<4>(t.f32s.as_ptr() as *const f32, idx)
+            };
+            [g(0), g(1), g(2), g(3)]
+        }
+    }
+}
+
+/// One block of a tile: decode each row's 32 weights (scaled when `scaled`) and multiply
+/// them with each activation row (`xp`: the block's 32 activations per row).
+#[inline(always)]
+unsafe fn f32_step<const B: usize, const NW: usize, const MA: usize>(
+    cp: &[*const u8; NW],
+    tabs: &[F16Table; NW],
+    sv: &[__m256; NW],
+    scaled: bool,
+    keep: Option<__m256i>,
+    xp: &[*const f32; MA],
+    acc: &mut [[__m256; MA]; NW],
+) {
+    // SAFETY: the caller guarantees each row's block codes at `cp` and 32 values at each `xp`.
+    unsafe {
+        let mut ws = [[_mm256_setzero_ps(); 4]; NW];
+        for r in 0..NW {
+            let mut w = f32_weights::<B>(cp[r], &tabs[r]);
+            for (q, v) in w.iter_mut().enumerate() {
+                if scaled {
+                    *v = _mm256_mul_ps(*v, sv[r]);
+                }
+                if let Some(keep) = keep {
+                    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                    let live = _mm256_cmpgt_epi32(keep, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * q as i32)));
+                    *v = _mm256_and_ps(*v, _mm256_castsi256_ps(live));
+                }
+            }
+            ws[r] = w;
+        }
+        for i in 0..MA {
+            for q in 0..4 {
+                let x = _mm256_loadu_ps(xp[i].add(8 * q));
+                for r in 0..NW {
+                    acc[r][i] = _mm256_fmadd_ps(ws[r][q], x, acc[r][i]);
+                }
+            }
+        }
+    }
+}
+
+/// A tile of weight rows `j0..j0+NW` × activation rows `i0..i0+MA` (rows at or past `n` / `m`
+/// repeat the last one; their results are dropped). Each output sums in one chain, in `k`
+/// order of 8-wide vectors, whatever the tile.
+///
+/// # Safety
+/// As for [`f32_run`], with `j0 < n` and `i0 < m`.
+#[inline(always)]
+unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(cx: &F32, j0: usize, n: usize, i0: usize, m: usize) {
+    // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
+    // tables and scales, or activation row min(i0 + i, m − 1) (k values), all checked in
+    // `qgemm_f32`; the last, partial block reads activations from a zero-padded local copy.
+    unsafe {
+        let grouped = cx.gpr > 1;
+        let row = |r: usize| (j0 + r).min(n - 1);
+        let mut tabs: [F16Table; NW] = core::array::from_fn(|_| F16Table {
+            lo: _mm256_setzero_si256(),
+            hi: _mm256_setzero_si256(),
+            f32s: core::mem::MaybeUninit::uninit(),
+        });
+        let mut cp = [core::ptr::null::<u8>(); NW];
+        let mut srow = [core::ptr::null::<u8>(); NW];
+        for r in 0..NW {
+            f16_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries * 2), &mut tabs[r]);
+            cp[r] = cx.codes.add(row(r) * cx.rb);
+            srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
+        }
+        let mut xp = [core::ptr::null::<f32>(); MA];
+        for i in 0..MA {
+            xp[i] = cx.a.add((i0 + i).min(m - 1) * cx.a_rs);
+        }
+        let mut acc = [[_mm256_setzero_ps(); MA]; NW];
+        let mut sv = [_mm256_set1_ps(1.0); NW];
+        let full = cx.k / BLOCK;
+        let mut b = 0;
+        while b < full {
+            // One group (or what is left of the full blocks) at a time.
+            let end = if grouped {
+                for r in 0..NW {
+                    sv[r] = _mm256_set1_ps(f16_at(srow[r], 2 * (b / cx.bpg)));
+                }
+                ((b / cx.bpg + 1) * cx.bpg).min(full)
+            } else {
+                full
+            };
+            while b < end {
+                f32_step::<B, NW, MA>(&cp, &tabs, &sv, grouped, None, &xp, &mut acc);
+                for p in cp.iter_mut() {
+                    *p = p.add(cx.bb);
+                }
+                for p in xp.iter_mut() {
+                    *p = p.add(BLOCK);
+                }
+                b += 1;
+            }
+        }
+        if full < cx.nb {
+            // The last, partial block: activations from a zero-padded copy, weights past k
+            // zeroed (their codes are padding).
+            let valid = cx.k - full * BLOCK;
+            let mut xbuf = [[0f32; BLOCK]; MA];
+            for i in 0..MA {
+                core::ptr::copy_nonoverlapping(xp[i], xbuf[i].as_mut_ptr(), valid);
+                xp[i] = xbuf[i].as_ptr();
+            }
+            if grouped {
+                for r in 0..NW {
+                    sv[r] = _mm256_set1_ps(f16_at(srow[r], 2 * (full / cx.bpg)));
+                }
+            }
+            let keep = Some(_mm256_set1_epi32(valid as i32));
+            f32_step::<B, NW, MA>(&cp, &tabs, &sv, grouped, keep, &xp, &mut acc);
+        }
+        for r in 0..NW {
+            let j = j0 + r;
+            if j >= n {
+                break;
+            }
+            let f = if grouped { 1.0 } else { f16_at(srow[r], 0) };
+            for i in 0..MA {
+                if i0 + i < m {
+                    cx.out.put(i0 + i, j, hsum(acc[r][i]) * f);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// N:M sparse
+// ---------------------------------------------------------------------------------------------
+
+/// One call's operands as raw pointers (extents checked in [`sparse_gemm`]).
+struct Sp {
+    vals: *const u8,
+    pos: *const u8,
+    per_row: usize,
+    pos_row_bytes: usize,
+    keep: usize,
+    m: usize,
+    pos_bits: usize,
+    a: *const f32,
+    a_rs: usize,
+    out: Out,
+}
+
+/// N:M sparse weights × f32 activations (see [`super::SparseGemmFn`]).
+pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
+    let l = w.layout;
+    let fast = matches!(l.keep, 1 | 2 | 4 | 8);
+    if g.m == 0 || l.n == 0 {
+        return;
+    }
+    if !available() || !fast {
+        return generic::sparse_gemm(w, g);
+    }
+    let per_row = l.per_row();
+    assert!(l.n * per_row * 2 <= l.pos_off && l.pos_off + l.n * l.pos_row_bytes <= w.bytes.len(), "sparse: weight bytes too short");
+    assert!(l.pos_row_bytes * 8 >= per_row * l.pos_bits && l.k == l.k / l.m * l.m, "sparse: inconsistent layout");
+    check_out(g.m, l.n, g.c, g.c_rs, g.c_cs, g.bias);
+    assert!((g.m - 1) * g.a_rs + l.k <= g.a.len(), "sparse: A too short");
+    let cx = Sp {
+        vals: w.bytes.as_ptr(),
+        pos: w.bytes[l.pos_off..].as_ptr(),
+        per_row,
+        pos_row_bytes: l.pos_row_bytes,
+        keep: l.keep,
+        m: l.m,
+        pos_bits: l.pos_bits,
+        a: g.a.as_ptr(),
+        a_rs: g.a_rs,
+        out: Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act),
+    };
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
+    // the extents checked above, and `c` is borrowed mutably for this call.
+    unsafe {
+        if l.keep == 2 && l.m == 4 {
+            sparse_run::<true>(&cx, g.m, l.n)
+        } else {
+            sparse_run::<false>(&cx, g.m, l.n)
+        }
+    }
+}
+
+/// All tiles: 2 weight rows × 1 activation row when `m < 4`, else 1 × 4.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sparse_run<const TWO_FOUR: bool>(cx: &Sp, m: usize, n: usize) {
+    // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped).
+    unsafe {
+        if m < 4 {
+            for i in 0..m {
+                for j in (0..n).step_by(2) {
+                    sparse_tile::<TWO_FOUR, 2, 1>(cx, j, n, i, m);
+                }
+            }
+        } else {
+            for i in (0..m).step_by(4) {
+                for j in 0..n {
+                    sparse_tile::<TWO_FOUR, 1, 4>(cx, j, n, i, m);
+                }
+            }
+        }
+    }
+}
+
+/// A tile of weight rows `j0..j0+NW` × activation rows `i0..i0+MA` (rows past `n` / `m`
+/// repeat the last one; their results are dropped). Every output sums 8 values at a time in
+/// one chain, then the ragged end in storage order.
+///
+/// # Safety
+/// As for [`sparse_run`], with `j0 < n` and `i0 < m`.
+#[inline(always)]
+unsafe fn sparse_tile<const TWO_FOUR: bool, const NW: usize, const MA: usize>(cx: &Sp, j0: usize, n: usize, i0: usize, m: usize) {
+    // SAFETY (whole body): values, positions and activations are read for rows
+    // min(j0 + r, n − 1) and min(i0 + i, m − 1) only, at chunk c < per_row / 8 (8 values,
+    // 16 bits of positions per 8·pos_bits bits, inputs below the chunk's last group), or value
+    // v < per_row in the scalar tail; all inside the extents checked in `sparse_gemm`.
+    unsafe {
+        let row = |r: usize| (j0 + r).min(n - 1);
+        let mut vp = [core::ptr::null::<u8>(); NW];
+        let mut pp = [core::ptr::null::<u8>(); NW];
+        for r in 0..NW {
+            vp[r] = cx.vals.add(row(r) * cx.per_row * 2);
+            pp[r] = cx.pos.add(row(r) * cx.pos_row_bytes);
+        }
+        let mut xp = [core::ptr::null::<f32>(); MA];
+        for i in 0..MA {
+            xp[i] = cx.a.add((i0 + i).min(m - 1) * cx.a_rs);
+        }
+        let mut acc = [[_mm256_setzero_ps(); MA]; NW];
+        let chunks = cx.per_row / 8;
+        // Inputs per chunk of 8 values, and each lane's group offset.
+        let span = 8 / cx.keep * cx.m;
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let group_of = _mm256_mullo_epi32(_mm256_srlv_epi32(lane, _mm256_set1_epi32(cx.keep.trailing_zeros() as i32)), _mm256_set1_epi32(cx.m as i32));
+        let pb = cx.pos_bits;
+        let shifts = _mm256_mullo_epi32(lane, _mm256_set1_epi32(pb as i32));
+        let mask = _mm256_set1_epi32((1 << pb) - 1);
+        for c in 0..chunks {
+            let mut vals = [_mm256_setzero_ps(); NW];
+            let mut idx = [_mm256_setzero_si256(); NW];
+            for r in 0..NW {
+                vals[r] = _mm256_cvtph_ps(_mm_loadu_si128(vp[r].add(16 * c) as *const __m128i));
+                let bits = if TWO_FOUR {
+                    u16::from_le_bytes([*pp[r].add(2 * c), *pp[r].add(2 * c + 1)]) as i32
+                } else {
+                    let mut b = [0u8; 4];
+                    core::ptr::copy_nonoverlapping(pp[r].add(pb * c), b.as_mut_ptr(), pb);
+                    i32::from_le_bytes(b)
+                };
+                // 2:4 needs no mask: `vpermilps` reads the low two bits of each index.
+                idx[r] = _mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts);
+                if !TWO_FOUR {
+                    idx[r] = _mm256_add_epi32(_mm256_and_si256(idx[r], mask), group_of);
+                }
+            }
+            for i in 0..MA {
+                let x = xp[i].add(c * span);
+                if TWO_FOUR {
+                    let (x0, x1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                    let xa = _mm256_permute2f128_ps::<0x20>(x0, x1); // groups 0 | 2
+                    let xb = _mm256_permute2f128_ps::<0x31>(x0, x1); // groups 1 | 3
+                    for r in 0..NW {
+                        let ga = _mm256_permutevar_ps(xa, idx[r]);
+                        let gb = _mm256_permutevar_ps(xb, idx[r]);
+                        let g = _mm256_blend_ps::<0b1100_1100>(ga, gb);
+                        acc[r][i] = _mm256_fmadd_ps(vals[r], g, acc[r][i]);
+                    }
+                } else {
+                    for r in 0..NW {
+                        let g = _mm256_i32gather_ps::<4>(x, idx[r]);
+                        acc[r][i] = _mm256_fmadd_ps(vals[r], g, acc[r][i]);
+                    }
+                }
+            }
+        }
+        for r in 0..NW {
+            let j = j0 + r;
+            if j >= n {
+                break;
+            }
+            for i in 0..MA {
+                if i0 + i >= m {
+                    continue;
+                }
+                let mut v = hsum(acc[r][i]);
+                for k in chunks * 8..cx.per_row {
+                    let bit = k * pb;
+                    let word = *pp[r].add(bit / 8) as u32
+                        | if (bit + pb).div_ceil(8) > bit / 8 + 1 { (*pp[r].add(bit / 8 + 1) as u32) << 8 } else { 0 };
+                    let p = (word >> (bit % 8)) as usize & ((1 << pb) - 1);
+                    let col = k / cx.keep * cx.m + p;
+                    v += *xp[i].add(col) * f16_at(vp[r], 2 * k);
+                }
+                cx.out.put(i0 + i, j, v);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------------
+
+/// [`super::quantize_q8`] with AVX2: the same bytes (round half away from zero, NaN to 0,
+/// clamp to ±127), 32 values at a time.
+pub fn quantize_q8(x: &[f32], out: &mut [u8]) {
+    if !available() {
+        return super::quantize_q8(x, out);
+    }
+    let k = x.len();
+    let nb = k.div_ceil(BLOCK);
+    assert!(out.len() >= nb * BLOCK + nb * 4, "quantize_q8: output too short");
+    // SAFETY: the CPU has AVX2 and FMA (checked above); `out` holds the codes and scales.
+    unsafe { quantize_avx2(x, out) }
+}
+
+/// # Safety
+/// AVX2 must be available; `out` must hold `Kp + Kp/32·4` bytes for `x.len()` values.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], out: &mut [u8]) {
+    let k = x.len();
+    let nb = k.div_ceil(BLOCK);
+    let (codes, scales) = out.split_at_mut(nb * BLOCK);
+    let sign = _mm256_set1_ps(-0.0);
+    let mut pad = [0f32; BLOCK];
+    for j in 0..nb {
+        let block = &x[j * BLOCK..((j + 1) * BLOCK).min(k)];
+        let p = if block.len() == BLOCK {
+            block.as_ptr()
+        } else {
+            pad.fill(0.0);
+            pad[..block.len()].copy_from_slice(block);
+            pad.as_ptr()
+        };
+        // SAFETY: `p` points to 32 values (the block or its zero-padded copy); the store writes
+        // block j's 32 codes, inside `codes`.
+        let d = unsafe {
+            let v: [__m256; 4] = core::array::from_fn(|q| _mm256_loadu_ps(p.add(8 * q)));
+            // max|x|, skipping NaN as `f32::max` does (`maxps` returns its second operand
+            // when either is NaN).
+            let mut m = _mm256_setzero_ps();
+            for &vq in &v {
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, vq), m);
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            let d = amax / 127.0;
+            let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let q: [__m256i; 4] = core::array::from_fn(|i| {
+                let y = _mm256_mul_ps(v[i], inv);
+                // Round half away from zero: truncate, then step away from zero when the
+                // (exact) remainder is at least one half.
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let far = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(y, t)), _mm256_set1_ps(0.5));
+                let step = _mm256_and_ps(far, _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0)));
+                let r = _mm256_add_ps(t, step);
+                // NaN becomes 0 (as `as i32` does), then the clamp.
+                let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+                let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0)), _mm256_set1_ps(127.0));
+                _mm256_cvttps_epi32(r)
+            });
+            let ab = _mm256_packs_epi32(q[0], q[1]);
+            let cd = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(codes.as_mut_ptr().add(j * BLOCK) as *mut __m256i, bytes);
+            d
+        };
+        scales[4 * j..4 * j + 4].copy_from_slice(&d.to_le_bytes());
+    }
+}

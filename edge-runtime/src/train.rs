@@ -1,0 +1,366 @@
+//! Zeroth-order fine-tuning (MeZO / SPSA): learning from forward passes only.
+//!
+//! A step draws no random state: the perturbation of trainable `i` in direction `d` of step `t`
+//! is regenerated from `(seed, t, d, i)` by a counter-based generator, so nothing but the
+//! trainables and a few scalars is kept, and a whole run replays from `(seed, config, g per step)`.
+//!
+//! One two-sided step (MeZO's order): `θ += εz → L+`, `θ −= 2εz → L−`, `θ += εz` (restore), then
+//! `g = (L+ − L−)/2ε` and `θ −= lr·(g·z + wd·θ)`, regenerating `z`. Both losses see the same
+//! minibatch. The arithmetic is the same on every target, so replaying the log reproduces the
+//! adapter bit for bit.
+
+/// Most directions one step may average.
+pub const MAX_DIRECTIONS: usize = 8;
+
+/// The step rule (the variants of ZO-Bench that need no optimizer state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// `θ −= lr · g · z`.
+    Sgd,
+    /// `θ −= lr · sign(g) · z`.
+    SignSgd,
+}
+
+/// Distribution of the perturbation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perturbation {
+    /// Standard normal (Box–Muller).
+    Gaussian,
+    /// ±1 with equal probability.
+    Rademacher,
+}
+
+/// Hyper-parameters of a zeroth-order run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZoConfig {
+    /// Base seed of every perturbation.
+    pub seed: u64,
+    /// Learning rate.
+    pub lr: f32,
+    /// Perturbation size ε.
+    pub eps: f32,
+    /// Decoupled weight decay (applied to LoRA values only: other trainables do not center on 0).
+    pub weight_decay: f32,
+    /// Projected gradients are clipped to `[-clip, clip]`.
+    pub clip: f32,
+    /// Directions per step (1..=MAX_DIRECTIONS), their updates averaged.
+    pub directions: u32,
+    /// One-sided differences `(L(θ+εz) − L(θ))/ε` (one shared `L(θ)` per step).
+    pub one_sided: bool,
+    /// Step rule.
+    pub rule: Rule,
+    /// Perturbation distribution.
+    pub perturbation: Perturbation,
+}
+
+impl Default for ZoConfig {
+    fn default() -> ZoConfig {
+        ZoConfig {
+            seed: 0,
+            lr: 1e-2,
+            eps: 1e-3,
+            weight_decay: 0.0,
+            clip: 100.0,
+            directions: 1,
+            one_sided: false,
+            rule: Rule::Sgd,
+            perturbation: Perturbation::Gaussian,
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The key of one direction of one step: perturbations of all trainables derive from it.
+pub fn direction_key(seed: u64, step: u32, direction: u32) -> u64 {
+    splitmix(splitmix(seed) ^ ((step as u64) << 32 | direction as u64))
+}
+
+/// Perturbation of trainable `index` under `key`.
+///
+/// ```
+/// use edgetune_runtime::train::{direction_key, perturbation, Perturbation};
+/// let k = direction_key(7, 3, 0);
+/// // Regenerated, never stored: the same inputs give the same value.
+/// assert_eq!(perturbation(k, 12, Perturbation::Gaussian), perturbation(k, 12, Perturbation::Gaussian));
+/// assert!(perturbation(k, 12, Perturbation::Rademacher).abs() == 1.0);
+/// ```
+#[inline]
+pub fn perturbation(key: u64, index: u32, dist: Perturbation) -> f32 {
+    let r = splitmix(key ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    match dist {
+        Perturbation::Rademacher => {
+            if r & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        }
+        Perturbation::Gaussian => {
+            // Box–Muller on two 24-bit uniforms; u1 in (0, 1] keeps the log finite.
+            let u1 = ((r >> 40) as f32 + 1.0) * (1.0 / 16_777_216.0);
+            let u2 = ((r >> 16) & 0xFF_FFFF) as f32 * (1.0 / 16_777_216.0);
+            libm::sqrtf(-2.0 * libm::logf(u1)) * libm::cosf(core::f32::consts::TAU * u2)
+        }
+    }
+}
+
+/// `θ += scale · z` for every trainable.
+pub fn perturb(values: &mut [f32], key: u64, scale: f32, dist: Perturbation) {
+    for (i, v) in values.iter_mut().enumerate() {
+        *v += scale * perturbation(key, i as u32, dist);
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    /// Step index.
+    pub step: u32,
+    /// Projected gradient per direction (after clipping); all zero when skipped.
+    pub g: [f32; MAX_DIRECTIONS],
+    /// Mean of the losses evaluated.
+    pub loss: f32,
+    /// True when a loss was NaN or infinite: the values were restored and not updated.
+    pub skipped: bool,
+}
+
+/// Applies the update of a step whose projected gradients are known: the part of a step that
+/// replay repeats. `decay[i]` says whether value `i` takes weight decay.
+pub fn apply_update(values: &mut [f32], cfg: &ZoConfig, step: u32, g: &[f32], decay: &dyn Fn(usize) -> bool) {
+    let n = g.len().max(1) as f32;
+    for (d, &gd) in g.iter().enumerate() {
+        let key = direction_key(cfg.seed, step, d as u32);
+        let coef = match cfg.rule {
+            Rule::Sgd => gd,
+            Rule::SignSgd => {
+                if gd > 0.0 {
+                    1.0
+                } else if gd < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                }
+            }
+        };
+        let scale = cfg.lr * coef / n;
+        for (i, v) in values.iter_mut().enumerate() {
+            *v -= scale * perturbation(key, i as u32, cfg.perturbation);
+        }
+    }
+    if cfg.weight_decay != 0.0 {
+        for (i, v) in values.iter_mut().enumerate() {
+            if decay(i) {
+                *v -= cfg.lr * cfg.weight_decay * *v;
+            }
+        }
+    }
+}
+
+/// Replays the perturbation arithmetic of one two-sided direction (+ε, −2ε, +ε), which rounds
+/// the values; [`zo_step`] does exactly this, so replay matches bit for bit.
+pub fn replay_perturbations(values: &mut [f32], cfg: &ZoConfig, step: u32) {
+    for d in 0..cfg.directions.clamp(1, MAX_DIRECTIONS as u32) {
+        let key = direction_key(cfg.seed, step, d);
+        if cfg.one_sided {
+            perturb(values, key, cfg.eps, cfg.perturbation);
+            perturb(values, key, -cfg.eps, cfg.perturbation);
+        } else {
+            perturb(values, key, cfg.eps, cfg.perturbation);
+            perturb(values, key, -2.0 * cfg.eps, cfg.perturbation);
+            perturb(values, key, cfg.eps, cfg.perturbation);
+        }
+    }
+}
+
+/// What a zeroth-order step perturbs: a flat array of trainable values.
+pub trait Trainable {
+    /// The values.
+    fn values_mut(&mut self) -> &mut [f32];
+}
+
+impl Trainable for [f32] {
+    fn values_mut(&mut self) -> &mut [f32] {
+        self
+    }
+}
+
+impl<const N: usize> Trainable for [f32; N] {
+    fn values_mut(&mut self) -> &mut [f32] {
+        self
+    }
+}
+
+impl Trainable for crate::adapter::Adapter<'_> {
+    fn values_mut(&mut self) -> &mut [f32] {
+        crate::adapter::Adapter::values_mut(self)
+    }
+}
+
+/// One zeroth-order step. `loss(state)` runs the forward passes on the step's minibatch with the
+/// state's current (perturbed) values and returns the mean loss; it is called `2·directions`
+/// times (or `directions + 1` one-sided).
+pub fn zo_step<S: Trainable + ?Sized>(
+    state: &mut S,
+    cfg: &ZoConfig,
+    step: u32,
+    decay: &dyn Fn(usize) -> bool,
+    mut loss: impl FnMut(&mut S) -> f32,
+) -> StepRecord {
+    let dirs = cfg.directions.clamp(1, MAX_DIRECTIONS as u32) as usize;
+    let mut rec = StepRecord { step, g: [0.0; MAX_DIRECTIONS], loss: 0.0, skipped: false };
+    let mut sum = 0.0f32;
+    let mut count = 0;
+    let base = if cfg.one_sided {
+        let l0 = loss(state);
+        sum += l0;
+        count += 1;
+        l0
+    } else {
+        0.0
+    };
+    for d in 0..dirs {
+        let key = direction_key(cfg.seed, step, d as u32);
+        let (lp, lm, denom) = if cfg.one_sided {
+            perturb(state.values_mut(), key, cfg.eps, cfg.perturbation);
+            let lp = loss(state);
+            perturb(state.values_mut(), key, -cfg.eps, cfg.perturbation);
+            (lp, base, cfg.eps)
+        } else {
+            perturb(state.values_mut(), key, cfg.eps, cfg.perturbation);
+            let lp = loss(state);
+            perturb(state.values_mut(), key, -2.0 * cfg.eps, cfg.perturbation);
+            let lm = loss(state);
+            perturb(state.values_mut(), key, cfg.eps, cfg.perturbation);
+            (lp, lm, 2.0 * cfg.eps)
+        };
+        sum += lp + if cfg.one_sided { 0.0 } else { lm };
+        count += if cfg.one_sided { 1 } else { 2 };
+        if !lp.is_finite() || !lm.is_finite() {
+            rec.skipped = true;
+        }
+        rec.g[d] = ((lp - lm) / denom).clamp(-cfg.clip, cfg.clip);
+    }
+    rec.loss = sum / count as f32;
+    if rec.skipped {
+        rec.g = [0.0; MAX_DIRECTIONS];
+        return rec;
+    }
+    apply_update(state.values_mut(), cfg, step, &rec.g[..dirs], decay);
+    rec
+}
+
+/// Mean cross-entropy of `logits` (`[batch, classes]`) against class `labels`.
+pub fn cross_entropy(logits: &[f32], classes: usize, labels: impl IntoIterator<Item = usize>) -> f32 {
+    let mut total = 0.0f32;
+    let mut n = 0;
+    for (row, label) in logits.chunks_exact(classes).zip(labels) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = max + libm::logf(row.iter().map(|&v| libm::expf(v - max)).sum());
+        total += lse - row[label.min(classes - 1)];
+        n += 1;
+    }
+    total / n.max(1) as f32
+}
+
+/// Mean squared error between `out` and `target`.
+pub fn mse(out: &[f32], target: &[f32]) -> f32 {
+    let s: f32 = out.iter().zip(target).map(|(a, b)| (a - b) * (a - b)).sum();
+    s / out.len().max(1) as f32
+}
+
+/// Fraction of rows whose largest logit is not the label: a loss zeroth-order methods can
+/// minimise although it has no gradient.
+pub fn error_rate(logits: &[f32], classes: usize, labels: impl IntoIterator<Item = usize>) -> f32 {
+    let mut wrong = 0;
+    let mut n = 0;
+    for (row, label) in logits.chunks_exact(classes).zip(labels) {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = i;
+            }
+        }
+        wrong += (best != label) as usize;
+        n += 1;
+    }
+    wrong as f32 / n.max(1) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaussian_perturbations_have_unit_moments() {
+        let key = direction_key(1, 2, 0);
+        let n = 200_000u32;
+        let (mut s, mut s2) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let z = perturbation(key, i, Perturbation::Gaussian) as f64;
+            s += z;
+            s2 += z * z;
+        }
+        let mean = s / n as f64;
+        let var = s2 / n as f64 - mean * mean;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "variance {var}");
+    }
+
+    #[test]
+    fn steps_descend_a_quadratic() {
+        // L(θ) = |θ − t|²: the ZO estimate is unbiased for the gradient direction.
+        let target = [1.0f32, -2.0, 0.5, 3.0];
+        let mut theta = [0.0f32; 4];
+        let cfg = ZoConfig { lr: 0.05, eps: 1e-3, ..ZoConfig::default() };
+        let loss = |v: &mut [f32; 4]| v.iter().zip(&target).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+        let start = loss(&mut theta);
+        for t in 0..400 {
+            zo_step(&mut theta, &cfg, t, &|_| false, loss);
+        }
+        assert!(loss(&mut theta) < 0.01 * start, "loss {} from {start}", loss(&mut theta));
+    }
+
+    #[test]
+    fn replay_reproduces_bits() {
+        let mut a = [0.3f32, -0.7, 1.1];
+        let cfg = ZoConfig { directions: 2, ..ZoConfig::default() };
+        let loss = |v: &mut [f32; 3]| v.iter().map(|x| (x - 0.25) * (x - 0.25)).sum::<f32>();
+        let mut log = [[0f32; MAX_DIRECTIONS]; 50];
+        let mut b = a;
+        for t in 0..50 {
+            log[t as usize] = zo_step(&mut a, &cfg, t, &|_| false, loss).g;
+        }
+        for t in 0..50 {
+            replay_perturbations(&mut b, &cfg, t);
+            apply_update(&mut b, &cfg, t, &log[t as usize][..2], &|_| false);
+        }
+        assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+    }
+
+    #[test]
+    fn nan_losses_skip_and_restore() {
+        let mut v = [1.0f32, 2.0];
+        let before = v;
+        let r = zo_step(&mut v, &ZoConfig::default(), 0, &|_| false, |_| f32::NAN);
+        assert!(r.skipped);
+        for (a, b) in v.iter().zip(before) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn losses() {
+        let logits = [2.0, 0.0, 0.0, 3.0];
+        assert_eq!(error_rate(&logits, 2, [0usize, 0]), 0.5);
+        let ce = cross_entropy(&logits, 2, [0usize, 1]);
+        let want = ((1.0 + (-2.0f32).exp()).ln() + (1.0 + (-3.0f32).exp()).ln()) / 2.0;
+        assert!((ce - want).abs() < 1e-6);
+        assert_eq!(mse(&[1.0, 2.0], &[0.0, 2.0]), 0.5);
+    }
+}

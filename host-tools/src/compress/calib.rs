@@ -1,0 +1,102 @@
+//! Calibration: run the float model in our runtime on sample inputs and collect, for every dense
+//! and convolution layer, statistics of the rows its weights multiply (inputs, or im2col patches).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use edgetune_core::ops::Conv;
+use edgetune_core::Op;
+use edgetune_quant::stats::ActStats;
+
+use crate::ir::Graph;
+use crate::model_file::AlignedBytes;
+use crate::npy::Array;
+use crate::pack::pack;
+use crate::runner::{batches, Ours};
+
+/// Per-layer input statistics, by node name.
+#[derive(Debug, Default)]
+pub struct Calibration {
+    /// Statistics of each layer's input rows.
+    pub stats: HashMap<String, ActStats>,
+    /// Samples run.
+    pub samples: usize,
+}
+
+/// Rows each layer's statistics stop at (enough for means and a well-conditioned Gram matrix).
+pub const MAX_ROWS: u64 = 16_384;
+
+/// Unrolls one image `[C, H, W]` into `(ci, ky, kx)` patch rows, as the runtime's im2col does.
+pub fn patches(c: &Conv, x: &[f32], cin: usize, h: usize, w: usize, ho: usize, wo: usize) -> Vec<f32> {
+    let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
+    let k = cin * kh * kw;
+    let mut out = vec![0.0; ho * wo * k];
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let row = &mut out[(oy * wo + ox) * k..(oy * wo + ox + 1) * k];
+            let y0 = (oy * c.stride[0] as usize) as isize - c.pads[0] as isize;
+            let x0 = (ox * c.stride[1] as usize) as isize - c.pads[1] as isize;
+            let mut j = 0;
+            for ci in 0..cin {
+                for ky in 0..kh {
+                    let iy = y0 + (ky * c.dilation[0] as usize) as isize;
+                    for kx in 0..kw {
+                        let ix = x0 + (kx * c.dilation[1] as usize) as isize;
+                        if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                            row[j] = x[(ci * h + iy as usize) * w + ix as usize];
+                        }
+                        j += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `g` (uncompressed) on `data` (leading axis = samples) and gathers statistics for the
+/// layers `super::layers` finds; `gram(name, k)` says which layers also keep `XᵀX`.
+pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) -> Result<Calibration> {
+    let (bytes, _) = pack(g)?;
+    let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..]))?;
+    let layers = super::layers(g);
+    let mut stats: HashMap<usize, (String, ActStats)> = HashMap::new();
+    for l in layers.iter().filter(|l| !l.embedding) {
+        stats.insert(l.node, (l.name.clone(), ActStats::new(l.k, gram(&l.name, l.k))?));
+    }
+    let (bs, n) = batches(&ours.inputs(), data)?;
+    let per_batch = ours.inputs()[0].shape[0];
+    let mut seen = 0;
+    for b in &bs {
+        let real = per_batch.min(n - seen);
+        seen += real;
+        ours.run_observed(b, |i, session| {
+            let Some((_, st)) = stats.get_mut(&(i as usize)) else { return };
+            if st.count() >= MAX_ROWS {
+                return;
+            }
+            let op = session.model().op(i);
+            let xid = op.input(0);
+            let Some(x) = session.tensor_f32(xid) else { return };
+            let xs = session.model().tensor(xid).meta.shape;
+            let k = st.k();
+            let rows: Vec<f32> = match op.op {
+                Op::Conv(c) => {
+                    let (cin, h, w) = (xs.dim(1), xs.dim(2), xs.dim(3));
+                    let ys = session.model().tensor(op.output(0)).meta.shape;
+                    let (ho, wo) = (ys.dim(2), ys.dim(3));
+                    // Only the real (unpadded) images of the batch.
+                    let per = cin * h * w;
+                    (0..real.min(xs.dim(0))).flat_map(|img| patches(&c, &x[img * per..(img + 1) * per], cin, h, w, ho, wo)).collect()
+                }
+                _ => {
+                    let rows_per_image = x.len() / k / xs.dim(0).max(1);
+                    let take = if xs.rank() >= 2 && xs.dim(0) == per_batch { real * rows_per_image } else { x.len() / k };
+                    x[..take * k].to_vec()
+                }
+            };
+            let _ = st.update(&rows, k);
+        })?;
+    }
+    Ok(Calibration { stats: stats.into_values().collect(), samples: seen })
+}
