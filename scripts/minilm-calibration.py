@@ -6,7 +6,10 @@ accents, split on whitespace and punctuation; greedy longest-match word pieces),
 input_ids / attention_mask / token_type_ids .npy files ([samples, seq], int64). No dependencies
 beyond the standard library, so it runs on CI images without numpy.
 
-usage: minilm-calibration.py TOKENIZER_JSON OUT_PREFIX SEQ SAMPLES TEXT_FILE...
+usage: minilm-calibration.py [--pack] TOKENIZER_JSON OUT_PREFIX SEQ SAMPLES TEXT_FILE...
+
+One sentence per sample, padded; with --pack, consecutive sentences fill each sample to SEQ
+tokens, so calibration statistics come from real tokens rather than padding.
 """
 import json, re, sys, unicodedata
 
@@ -44,14 +47,22 @@ def wordpiece(word, vocab, unk):
     return pieces
 
 def main():
-    tok, prefix, seq, samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    args = sys.argv[1:]
+    pack = "--pack" in args
+    args = [a for a in args if a != "--pack"]
+    tok, prefix, seq, samples = args[0], args[1], int(args[2]), int(args[3])
     vocab = json.load(open(tok))["model"]["vocab"]
     cls, sep, pad, unk = vocab["[CLS]"], vocab["[SEP]"], vocab["[PAD]"], "[UNK]"
-    text = " ".join(open(p, errors="ignore").read() for p in sys.argv[5:])
+    # Lines holding only "%" separate entries (fortune files): treat them as sentence ends.
+    text = " ".join(re.sub(r"(?m)^%$", ".", open(p, errors="ignore").read()) for p in args[4:])
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
     ids_rows, mask_rows = [], []
-    for s in sentences[:samples]:
-        ids = [cls] + [vocab[p] for w in basic_tokens(s) for p in wordpiece(w, vocab, unk)][: seq - 2] + [sep]
+    pieces = [[vocab[p] for w in basic_tokens(s) for p in wordpiece(w, vocab, unk)] for s in sentences]
+    if pack:
+        flat = [t for p in pieces for t in p]
+        pieces = [flat[i:i + seq - 2] for i in range(0, len(flat) - (seq - 2) + 1, seq - 2)]
+    for p in pieces[:samples]:
+        ids = [cls] + p[: seq - 2] + [sep]
         mask = [1] * len(ids) + [0] * (seq - len(ids))
         ids_rows.append(ids + [pad] * (seq - len(ids)))
         mask_rows.append(mask)

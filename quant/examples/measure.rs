@@ -113,14 +113,14 @@ fn main() {
                 o.row_scaling = rs;
                 let (cb, s) = time!(codebook_quantize_with(w, n, k, &o).unwrap());
                 let extra = (tables * 16 * 16) as f64 / (n * k) as f64
-                    + if cb.row_scales.is_some() {
+                    + if cb.scales.is_some() {
                         16.0 / k as f64
                     } else {
                         0.0
                     };
                 let l = format!(
                     "codebook 4b {label}{}",
-                    match (rs, cb.row_scales.is_some()) {
+                    match (rs, cb.scales.is_some()) {
                         (RowScaling::Off, _) => "",
                         (_, true) => " auto: row scale",
                         (_, false) => " auto: no row scale",

@@ -205,12 +205,19 @@ pub fn encode_binary(b: &Binary, int8_activations: bool) -> Result<Encoded> {
 
 /// A codebook: indices into per-tensor, per-row or per-row-group tables; row scales when used.
 pub fn encode_codebook(cb: &Codebook, int8_activations: bool) -> Result<Encoded> {
-    let scales = cb.row_scales.clone().unwrap_or_else(|| vec![1.0; cb.n]);
+    let kp = padded_k(cb.k);
+    // One scale per row, or per group of inputs (a multiple of 32 dividing the padded row, so the
+    // layout's groups line up with the codebook's).
+    let group = if cb.scale_group >= cb.k { kp } else { cb.scale_group };
+    if cb.scales.is_some() && (group % 32 != 0 || kp % group != 0) {
+        return Err(QuantError::InvalidGroup { group, dim: kp });
+    }
+    let scales = cb.scales.clone().unwrap_or_else(|| vec![1.0; cb.n * (kp / group)]);
     encode_qblock(&QBlockParts {
         n: cb.n,
         k: cb.k,
         bits: cb.bits as usize,
-        group: padded_k(cb.k),
+        group,
         rows_per_table: cb.rows_per_table,
         int8_activations,
         codes: &cb.indices,
@@ -330,7 +337,7 @@ pub fn bits_per_weight(e: &Encoded, n: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kmeans::{codebook_quantize, Granularity};
+    use crate::kmeans::{codebook_quantize, codebook_quantize_with, Codebook, CodebookOptions, Granularity};
     use crate::rng::SplitMix64;
     use crate::scalar::quantize_int8_rows;
 
@@ -356,6 +363,36 @@ mod tests {
         assert!(e2.bytes.len() >= expect && e2.bytes.len() <= expect + 64, "{}", e2.bytes.len());
         let e3 = encode_codebook(&cb2, false).unwrap();
         assert_eq!(e2.bytes.len() - e3.bytes.len(), n2 * 12);
+    }
+
+    #[test]
+    fn group_scaled_codebooks_round_trip_and_fit_rows_that_change_scale() {
+        // Rows whose first 64 inputs are 20x larger than the rest: a scale per 32 inputs lets one
+        // shared table serve both parts; one scale per row cannot.
+        let (n, k) = (16, 128);
+        let mut rng = SplitMix64::new(9);
+        let w: Vec<f32> = (0..n * k).map(|i| rng.gaussian_vec(1)[0] * if i % k < 64 { 20.0 } else { 1.0 }).collect();
+        let mut opts = CodebookOptions::new(4, Granularity::PerGroupOfRows(8), None);
+        let row = codebook_quantize_with(&w, n, k, &opts).unwrap();
+        opts.scale_group = Some(32);
+        let grouped = codebook_quantize_with(&w, n, k, &opts).unwrap();
+        assert_eq!(grouped.scales.as_ref().map(Vec::len), Some(n * 4));
+        let err = |cb: &Codebook| crate::metrics::rel_frobenius_error(&w[..], &cb.dequantize()).unwrap();
+        let tail = |cb: &Codebook| {
+            let d = cb.dequantize();
+            (0..n * k).filter(|i| i % k >= 64).map(|i| (w[i] - d[i]).powi(2) as f64).sum::<f64>()
+        };
+        assert!(tail(&grouped) < 0.1 * tail(&row), "small part: {} vs {}", tail(&grouped), tail(&row));
+        assert!(err(&grouped) <= err(&row) * 1.05);
+        let e = encode_codebook(&grouped, false).unwrap();
+        assert_eq!(e.params[1], 32, "one layout scale per 32 inputs");
+        for (a, b) in decode(&e, n, k).unwrap().iter().zip(grouped.dequantize()) {
+            assert!((a - b).abs() <= 2e-3 * b.abs().max(1e-2), "{a} vs {b}");
+        }
+        // A scale group the layout cannot hold (not a multiple of 32) is an error, not a guess.
+        opts.scale_group = Some(48);
+        let odd = codebook_quantize_with(&w, n, k, &opts).unwrap();
+        assert!(encode_codebook(&odd, false).is_err());
     }
 
     #[test]

@@ -537,6 +537,8 @@ impl ColumnQuantizer for BinaryQuantizer {
 #[derive(Debug, Clone)]
 pub struct CodebookQuantizer {
     cb: Codebook,
+    /// Column `j` of the matrix GPTQ sees is column `columns[j]` of the codebook (act-order).
+    columns: Option<Vec<usize>>,
 }
 
 impl CodebookQuantizer {
@@ -558,16 +560,28 @@ impl CodebookQuantizer {
                 got: cb.indices.len(),
             });
         }
-        if let Some(s) = &cb.row_scales {
-            if s.len() != cb.n {
+        if let Some(s) = &cb.scales {
+            if cb.scale_group == 0 || s.len() != cb.n * cb.groups_per_row() {
                 return Err(QuantError::ShapeMismatch {
-                    what: "codebook row scales",
-                    expected: cb.n,
+                    what: "codebook scales",
+                    expected: cb.n * cb.groups_per_row().max(1),
                     got: s.len(),
                 });
             }
         }
-        Ok(CodebookQuantizer { cb })
+        Ok(CodebookQuantizer { cb, columns: None })
+    }
+
+    /// GPTQ will see the columns in this order (a permutation of `0..k`, e.g. by decreasing
+    /// input energy): column `j` it quantizes is the codebook's column `order[j]`, and indices
+    /// are written there.
+    pub fn with_column_order(mut self, order: Vec<usize>) -> Result<Self> {
+        let mut seen = vec![false; self.cb.k];
+        if order.len() != self.cb.k || order.iter().any(|&c| c >= self.cb.k || std::mem::replace(&mut seen[c], true)) {
+            return Err(QuantError::Incompatible { what: "column order is not a permutation of the columns" });
+        }
+        self.columns = Some(order);
+        Ok(self)
     }
 
     /// The codebook with the GPTQ indices (call after [`gptq`]).
@@ -582,18 +596,19 @@ impl ColumnQuantizer for CodebookQuantizer {
     }
 
     fn quantize_column(&mut self, j: usize, col: &[f32], out: &mut [f32]) -> Result<()> {
+        let c = self.columns.as_ref().map_or(j, |o| o[j]);
         let cb = &mut self.cb;
         let tl = 1usize << cb.bits;
         for (r, (&x, o)) in col.iter().zip(out.iter_mut()).enumerate() {
             let t = r / cb.rows_per_table;
             let table = &cb.centroids[t * tl..(t + 1) * tl];
-            let s = cb.row_scales.as_ref().map_or(1.0, |s| s[r]);
+            let s = cb.scale(r, c);
             let idx = if s != 0.0 {
                 nearest_centroid(table, x / s)
             } else {
                 0
             };
-            cb.indices[r * cb.k + j] = idx;
+            cb.indices[r * cb.k + c] = idx;
             *o = s * table[idx as usize];
         }
         Ok(())

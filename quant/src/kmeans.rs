@@ -468,6 +468,10 @@ pub struct CodebookOptions<'a> {
     pub importance: Option<&'a [f32]>,
     /// Per-row scale normalisation.
     pub row_scaling: RowScaling,
+    /// Scale every `g` consecutive inputs of a row by their own f16 absmax before clustering
+    /// (as NF4 does with its fixed table): tables then hold the shape of the distribution and
+    /// scales its local size. Overrides `row_scaling`. `g > 0`.
+    pub scale_group: Option<usize>,
     /// k-means parameters.
     pub kmeans: KMeansConfig,
 }
@@ -480,6 +484,7 @@ impl<'a> CodebookOptions<'a> {
             granularity,
             importance,
             row_scaling: RowScaling::Off,
+            scale_group: None,
             kmeans: KMeansConfig::default(),
         }
     }
@@ -501,9 +506,11 @@ pub struct Codebook {
     pub centroids: Vec<f32>,
     /// One index per weight, row-major `n x k`, each `< 2^bits`.
     pub indices: Vec<u8>,
-    /// Per-row scales (already f16-representable) when row scaling is used: the weight is
-    /// `row_scales[r] * table[index]`.
-    pub row_scales: Option<Vec<f32>>,
+    /// Scales (already f16-representable) when scaling is used: the weight is
+    /// `scales[r * groups_per_row + c / scale_group] * table[index]`.
+    pub scales: Option<Vec<f32>>,
+    /// Inputs per scale (`k` for one scale per row).
+    pub scale_group: usize,
 }
 
 impl Codebook {
@@ -531,16 +538,25 @@ impl Codebook {
         &self.centroids[t * l..(t + 1) * l]
     }
 
+    /// Scales per row.
+    pub fn groups_per_row(&self) -> usize {
+        self.k.div_ceil(self.scale_group)
+    }
+
+    /// The scale of `w[r][c]` (1 without scales).
+    pub fn scale(&self, r: usize, c: usize) -> f32 {
+        match &self.scales {
+            Some(s) => s[r * self.groups_per_row() + c / self.scale_group],
+            None => 1.0,
+        }
+    }
+
     /// Reconstructed weight `w[r][c]`.
     ///
     /// # Panics
     /// If `r >= n` or `c >= k`.
     pub fn value(&self, r: usize, c: usize) -> f32 {
-        let v = self.table(self.table_of_row(r))[self.indices[r * self.k + c] as usize];
-        match &self.row_scales {
-            Some(s) => s[r] * v,
-            None => v,
-        }
+        self.scale(r, c) * self.table(self.table_of_row(r))[self.indices[r * self.k + c] as usize]
     }
 
     /// The reconstructed `n x k` matrix.
@@ -600,28 +616,21 @@ pub fn codebook_quantize_with(
         }
         Granularity::PerGroupOfRows(g) => g.min(n),
     };
+    if let Some(g) = opts.scale_group {
+        if g == 0 {
+            return Err(QuantError::InvalidGroup { group: 0, dim: k });
+        }
+        let g = g.min(k);
+        return cluster(w, n, k, opts, rows_per_table, Some((g, absmax_f16(w, n, k, g)?)));
+    }
     match opts.row_scaling {
         RowScaling::Off => cluster(w, n, k, opts, rows_per_table, None),
-        RowScaling::On => cluster(
-            w,
-            n,
-            k,
-            opts,
-            rows_per_table,
-            Some(row_absmax_f16(w, n, k)?),
-        ),
+        RowScaling::On => cluster(w, n, k, opts, rows_per_table, Some((k, absmax_f16(w, n, k, k)?))),
         // A per-row table already adapts to its row: scaling cannot help, skip the second run.
         RowScaling::Auto if rows_per_table == 1 => cluster(w, n, k, opts, rows_per_table, None),
         RowScaling::Auto => {
             let plain = cluster(w, n, k, opts, rows_per_table, None)?;
-            let scaled = cluster(
-                w,
-                n,
-                k,
-                opts,
-                rows_per_table,
-                Some(row_absmax_f16(w, n, k)?),
-            )?;
+            let scaled = cluster(w, n, k, opts, rows_per_table, Some((k, absmax_f16(w, n, k, k)?)))?;
             let e_plain = weighted_error(w, &plain.dequantize(), k, opts.importance);
             let e_scaled = weighted_error(w, &scaled.dequantize(), k, opts.importance);
             // Row scales cost storage: require a real (0.1%) gain, not rounding noise.
@@ -634,20 +643,20 @@ pub fn codebook_quantize_with(
     }
 }
 
-fn row_absmax_f16(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
-    (0..n)
-        .map(|r| {
-            let m = w[r * k..(r + 1) * k]
-                .iter()
-                .fold(0.0f32, |a, x| a.max(x.abs()));
+/// f16 absmax of every `g` consecutive inputs of each row (`n × ⌈k/g⌉`).
+fn absmax_f16(w: &[f32], n: usize, k: usize, g: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(n * k.div_ceil(g));
+    for row in w.chunks_exact(k).take(n) {
+        for part in row.chunks(g) {
+            let m = part.iter().fold(0.0f32, |a, x| a.max(x.abs()));
             let s = round_to_f16(m);
-            if s.is_finite() {
-                Ok(s)
-            } else {
-                Err(QuantError::ScaleOverflow { scale: m as f64 })
+            if !s.is_finite() {
+                return Err(QuantError::ScaleOverflow { scale: m as f64 });
             }
-        })
-        .collect()
+            out.push(s);
+        }
+    }
+    Ok(out)
 }
 
 /// Importance-weighted squared error `Σ imp[c] (w − ŵ)²` (plain SSE without importance).
@@ -668,8 +677,9 @@ fn cluster(
     k: usize,
     opts: &CodebookOptions<'_>,
     rows_per_table: usize,
-    row_scales: Option<Vec<f32>>,
+    scales: Option<(usize, Vec<f32>)>,
 ) -> Result<Codebook> {
+    let gpr = scales.as_ref().map_or(1, |(g, _)| k.div_ceil(*g));
     let table_len = 1usize << opts.bits;
     let num_tables = n.div_ceil(rows_per_table);
     let mut centroids = Vec::with_capacity(num_tables * table_len);
@@ -682,8 +692,8 @@ fn cluster(
         vals.clear();
         wts.clear();
         for r in r0..r1 {
-            let s = row_scales.as_ref().map(|s| s[r]);
             for c in 0..k {
+                let s = scales.as_ref().map(|(g, s)| s[r * gpr + c / g]);
                 let x = w[r * k + c];
                 let imp = opts.importance.map_or(1.0, |imp| imp[c]);
                 match s {
@@ -703,7 +713,7 @@ fn cluster(
                 }
             }
         }
-        let weighted = opts.importance.is_some() || row_scales.is_some();
+        let weighted = opts.importance.is_some() || scales.is_some();
         let km = kmeans_1d(&vals, weighted.then_some(&wts[..]), table_len, &opts.kmeans)?;
         let mut table = km.centroids;
         let last = *table.last().unwrap_or(&0.0);
@@ -718,7 +728,8 @@ fn cluster(
         rows_per_table,
         centroids,
         indices,
-        row_scales,
+        scale_group: scales.as_ref().map_or(k, |(g, _)| *g),
+        scales: scales.map(|(_, s)| s),
     })
 }
 
@@ -937,9 +948,9 @@ mod tests {
         let auto = codebook_quantize_with(&w, n, k, &o).unwrap();
         let e_off = weighted_error(&w, &off.dequantize(), k, None);
         let e_auto = weighted_error(&w, &auto.dequantize(), k, None);
-        assert!(auto.row_scales.is_some());
+        assert!(auto.scales.is_some());
         assert!(e_auto < e_off, "{e_auto} vs {e_off}");
-        for s in auto.row_scales.as_ref().unwrap() {
+        for s in auto.scales.as_ref().unwrap() {
             assert_eq!(*s, round_to_f16(*s));
         }
     }

@@ -45,6 +45,10 @@ pub fn bench(
     } else {
         Executor::SingleThread
     };
+    // Our runtime splits big kernels across the rayon pool when given a thread budget.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let budget = ours.kernels;
+    ours.kernels = budget.with_threads(threads);
     let mut mine = Vec::new();
     let mut theirs = Vec::new();
     let start = Instant::now();
@@ -52,7 +56,7 @@ pub fn bench(
     // One warm-up each, then alternate until both the run count and the time budget are met.
     while i < runs + 1 || start.elapsed() < min_time {
         let t = Instant::now();
-        ours.run(inputs)?;
+        pool.install(|| ours.run(inputs))?;
         if i > 0 {
             mine.push(t.elapsed());
         }
@@ -68,6 +72,7 @@ pub fn bench(
             break;
         }
     }
+    ours.kernels = budget;
     let ours_ms = median(mine.clone());
     let tract_ms = (!theirs.is_empty()).then(|| median(theirs));
     Ok(BenchReport {

@@ -38,6 +38,10 @@ pub struct CompressArgs {
     /// Which rows share a codebook table: tensor, row, or rows:G.
     #[arg(long, value_name = "GRANULARITY", default_value = "row")]
     pub group: String,
+    /// Codebooks: an f16 scale per this many inputs (a multiple of 32), so shared tables hold
+    /// the shape of the weights and scales their local size.
+    #[arg(long, value_name = "INPUTS")]
+    pub scale_group: Option<usize>,
     /// Ternary weights {-1, 0, +1} with a scale per GROUP inputs.
     #[arg(long, value_name = "GROUP", num_args = 0..=1, default_missing_value = "64")]
     pub ternary: Option<usize>,
@@ -118,7 +122,12 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
         if !(1..=8).contains(&b) {
             bail!("--codebook {b}: bits must be 1 to 8");
         }
-        primary.push(Method::Codebook { bits: b, rows_per_table: recipe::parse_granularity(&a.group)? });
+        if let Some(g) = a.scale_group {
+            if g == 0 || g % 32 != 0 {
+                bail!("--scale-group {g}: must be a positive multiple of 32");
+            }
+        }
+        primary.push(Method::Codebook { bits: b, rows_per_table: recipe::parse_granularity(&a.group)?, scale_group: a.scale_group.unwrap_or(0) });
     }
     if let Some(g) = a.ternary {
         primary.push(Method::Ternary { group: g });

@@ -54,11 +54,21 @@ pub fn patches(c: &Conv, x: &[f32], cin: usize, h: usize, w: usize, ho: usize, w
     out
 }
 
+/// The input that marks padding tokens: a `[batch, seq]` integer input named `attention_mask`
+/// (the Hugging Face convention). Rows of padding tokens are computed but never used (masked in
+/// attention and pooling); in short sentences padded to a long sequence they are most rows, and
+/// statistics that count them fit the weights to activations that do not matter.
+fn token_mask(ours: &Ours) -> Option<usize> {
+    ours.inputs().iter().position(|i| i.name == "attention_mask" && i.shape.len() == 2)
+}
+
 /// Runs `g` (uncompressed) on `data` (leading axis = samples) and gathers statistics for the
-/// layers `super::layers` finds; `gram(name, k)` says which layers also keep `XᵀX`.
+/// layers `super::layers` finds; `gram(name, k)` says which layers also keep `XᵀX`. With an
+/// `attention_mask` input, rows of padding tokens are left out.
 pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) -> Result<Calibration> {
     let (bytes, _) = pack(g)?;
     let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..]))?;
+    let mask_input = token_mask(&ours);
     let layers = super::layers(g);
     let mut stats: HashMap<usize, (String, ActStats)> = HashMap::new();
     for l in layers.iter().filter(|l| !l.embedding) {
@@ -70,6 +80,8 @@ pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) 
     for b in &bs {
         let real = per_batch.min(n - seen);
         seen += real;
+        // Per token of the batch: does it count?
+        let keep: Option<Vec<bool>> = mask_input.map(|m| b[m].to_i64().iter().map(|&v| v != 0).collect());
         ours.run_observed(b, |i, session| {
             let Some((_, st)) = stats.get_mut(&(i as usize)) else { return };
             if st.count() >= MAX_ROWS {
@@ -90,9 +102,23 @@ pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) 
                     (0..real.min(xs.dim(0))).flat_map(|img| patches(&c, &x[img * per..(img + 1) * per], cin, h, w, ho, wo)).collect()
                 }
                 _ => {
-                    let rows_per_image = x.len() / k / xs.dim(0).max(1);
-                    let take = if xs.rank() >= 2 && xs.dim(0) == per_batch { real * rows_per_image } else { x.len() / k };
-                    x[..take * k].to_vec()
+                    let rows = x.len() / k;
+                    let rows_per_image = rows / xs.dim(0).max(1);
+                    let take = if xs.rank() >= 2 && xs.dim(0) == per_batch { real * rows_per_image } else { rows };
+                    match &keep {
+                        // One row per token (however the batch is flattened): real tokens only,
+                        // of the real samples only.
+                        Some(keep) if keep.len() == rows => {
+                            let tokens = keep.len() / per_batch;
+                            x.chunks_exact(k)
+                                .zip(keep)
+                                .take(real * tokens)
+                                .filter(|(_, &kept)| kept)
+                                .flat_map(|(row, _)| row.iter().copied())
+                                .collect()
+                        }
+                        _ => x[..take * k].to_vec(),
+                    }
                 }
             };
             let _ = st.update(&rows, k);

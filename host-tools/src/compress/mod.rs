@@ -268,7 +268,7 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 }
             }
         }
-        Method::Codebook { bits, rows_per_table } => {
+        Method::Codebook { bits, rows_per_table, scale_group } => {
             let imp = ctx.importance(k, k);
             let gran = match rows_per_table {
                 0 => Granularity::PerTensor,
@@ -276,32 +276,29 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 r => Granularity::PerGroupOfRows(*r),
             };
             let mut opts = CodebookOptions::new(*bits, gran, imp.as_deref());
-            // Tables shared by several rows fit each row's range better with a row scale.
-            if *rows_per_table != 1 {
+            if *scale_group > 0 {
+                let g = fit_group(*scale_group, kp);
+                if g != *scale_group {
+                    note = Some(format!("scale group {scale_group} does not divide the padded row of {kp}: used {g}"));
+                }
+                opts.scale_group = Some(g);
+            } else if *rows_per_table != 1 {
+                // Tables shared by several rows fit each row's range better with a row scale.
                 opts.row_scaling = edgetune_quant::kmeans::RowScaling::Auto;
             }
             opts.kmeans = KMeansConfig { seed: ctx.recipe.seed, ..KMeansConfig::default() };
             let mut cb = codebook_quantize_with(w, n, k, &opts)?;
             if let Some(h) = ctx.hessian(k, k)? {
-                // GPTQ re-assigns indices against the fixed tables, pushing errors forward; the
-                // columns with the largest input energy go first ("act-order"), which matters
-                // for transformers' outlier channels. Codebook columns have no groups, so the
-                // order is a plain permutation.
+                // GPTQ re-assigns indices against the fixed tables and scales, pushing errors
+                // forward; the columns with the largest input energy go first ("act-order"),
+                // which matters for transformers' outlier channels.
                 let mut order: Vec<usize> = (0..k).collect();
                 order.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
                 let wp: Vec<f32> = (0..n * k).map(|i| w[i / k * k + order[i % k]]).collect();
                 let hp: Vec<f64> = (0..k * k).map(|i| h[order[i / k] * k + order[i % k]]).collect();
-                let mut cbp = cb.clone();
-                cbp.k = k;
-                cbp.indices = (0..n * k).map(|i| cb.indices[i / k * k + order[i % k]]).collect();
-                let mut qz = CodebookQuantizer::new(cbp)?;
+                let mut qz = CodebookQuantizer::new(cb)?.with_column_order(order)?;
                 gptq(&wp, n, k, &hp, &GptqConfig::default(), &mut qz)?;
-                let out = qz.into_codebook();
-                for r in 0..n {
-                    for (j, &c) in order.iter().enumerate() {
-                        cb.indices[r * k + c] = out.indices[r * k + j];
-                    }
-                }
+                cb = qz.into_codebook();
             }
             encode::encode_codebook(&cb, int8)?
         }

@@ -10,6 +10,7 @@
 //! match = "*attention*"        # glob on the node name (or the weight's name)
 //! codebook = 4                 # bits
 //! granularity = "row"          # "tensor", "row", or "rows:8"
+//! scale_group = 64             # optional: an f16 scale per 64 inputs (with shared tables)
 //!
 //! [[rule]]
 //! match = "*"
@@ -40,6 +41,9 @@ pub enum Method {
         bits: u32,
         /// Rows per table (0 = the whole tensor).
         rows_per_table: usize,
+        /// Inputs per f16 scale (0: none for per-row tables, one per row for shared tables
+        /// when it helps).
+        scale_group: usize,
     },
     /// {−1, 0, +1} with a scale per group.
     Ternary {
@@ -113,11 +117,17 @@ impl Method {
             Method::F16 => "f16".into(),
             Method::Int8 => "int8".into(),
             Method::Int4 { group } => format!("int4 g{group}"),
-            Method::Codebook { bits, rows_per_table } => match rows_per_table {
-                0 => format!("codebook {bits}-bit/tensor"),
-                1 => format!("codebook {bits}-bit/row"),
-                r => format!("codebook {bits}-bit/{r} rows"),
-            },
+            Method::Codebook { bits, rows_per_table, scale_group } => {
+                let tables = match rows_per_table {
+                    0 => format!("codebook {bits}-bit/tensor"),
+                    1 => format!("codebook {bits}-bit/row"),
+                    r => format!("codebook {bits}-bit/{r} rows"),
+                };
+                match scale_group {
+                    0 => tables,
+                    g => format!("{tables} s{g}"),
+                }
+            }
             Method::Ternary { group } => format!("ternary g{group}"),
             Method::Binary { group } => format!("binary g{group}"),
             Method::LowRank { rank, aware, factors } => format!("lowrank {rank:?} {aware:?} ({})", factors.label()),
@@ -221,6 +231,7 @@ struct RuleFile {
     int4: Option<usize>,
     codebook: Option<u32>,
     granularity: Option<String>,
+    scale_group: Option<usize>,
     ternary: Option<usize>,
     binary: Option<usize>,
     lowrank: Option<String>,
@@ -287,6 +298,7 @@ pub fn parse_simple(s: &str) -> Result<Method> {
         _ if s.starts_with("codebook") => Method::Codebook {
             bits: s.trim_start_matches("codebook").trim_start_matches(':').parse().map_err(|_| anyhow!("codebook bits in {s:?}"))?,
             rows_per_table: 1,
+            scale_group: 0,
         },
         _ => bail!("unknown encoding {s:?} (f32, f16, int8, int4:G, codebookB)"),
     })
@@ -324,7 +336,7 @@ pub fn parse_toml(text: &str) -> Result<Recipe> {
         }
         if let Some(b) = rf.codebook {
             let rows = rf.granularity.as_deref().map(parse_granularity).transpose()?.unwrap_or(1);
-            methods.push(Method::Codebook { bits: b, rows_per_table: rows });
+            methods.push(Method::Codebook { bits: b, rows_per_table: rows, scale_group: rf.scale_group.unwrap_or(0) });
         }
         if let Some(g) = rf.ternary {
             methods.push(Method::Ternary { group: g });
@@ -393,7 +405,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.keep_ends, KeepEnds::F32);
-        assert_eq!(r.rules[0].method, Method::Codebook { bits: 3, rows_per_table: 8 });
+        assert_eq!(r.rules[0].method, Method::Codebook { bits: 3, rows_per_table: 8, scale_group: 0 });
         assert!(r.rules[1].gptq);
         assert!(matches!(&r.rules[2].method, Method::LowRank { rank: RankChoice::Params(p), aware: LowRankKind::SvdLlm, factors } if *p == 0.5 && **factors == Method::Int8));
         assert!(parse_toml("[[rule]]\nmatch = \"*\"\n").is_err());
