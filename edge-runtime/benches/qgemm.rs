@@ -56,6 +56,8 @@ struct QSpec {
     int8: bool,
     /// Table values for code c.
     table: fn(&mut Rng, usize) -> f32,
+    /// Codes drawn (below `2^bits`; ternary weights use three of the four 2-bit codes).
+    codes: usize,
 }
 
 /// Weights in every encoding benchmarked.
@@ -96,7 +98,7 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
     let mut bytes = vec![0u8; l.len];
     for r in 0..n {
         for b in 0..kp / BLOCK {
-            let codes: Vec<u8> = (0..BLOCK).map(|_| rng.below(e) as u8).collect();
+            let codes: Vec<u8> = (0..BLOCK).map(|_| rng.below(s.codes) as u8).collect();
             let at = r * l.row_bytes() + b * l.block_bytes();
             pack_block(&codes, s.bits, &mut bytes[at..at + l.block_bytes()]);
         }
@@ -147,7 +149,7 @@ type Encoder = Box<dyn Fn(&mut Rng, usize, usize) -> Enc>;
 /// The kernels benchmarked: a name and an encoder.
 fn kinds() -> Vec<(&'static str, Encoder)> {
     let q = |s: QSpec| -> Encoder { Box::new(move |r: &mut Rng, n, k| quantized(r, n, k, s)) };
-    let spec = |bits, group, rpt, int8, table| QSpec { bits, group, rpt, int8, table };
+    let spec = |bits: usize, group, rpt, int8, table| QSpec { bits, group, rpt, int8, table, codes: 1 << bits };
     vec![
         ("f32 panel", Box::new(|r: &mut Rng, n, k| Enc::Panel(panel(r, n, k)))),
         (
@@ -161,7 +163,8 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
         ("cb4/row f32", q(spec(4, 0, 1, false, random))),
         ("cb3/row q8", q(spec(3, 0, 1, true, random))),
         ("cb2/row q8", q(spec(2, 0, 1, true, random))),
-        ("ternary g128 q8", q(spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 0.0][c]))),
+        // As the ternary encoder writes them: codes 0, 1, 2 for −1, 0, +1.
+        ("ternary g128 q8", q(QSpec { codes: 3, ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 0.0][c]) })),
         ("binary g128 q8", q(spec(1, 128, 0, true, |_, c| [-1.0, 1.0][c]))),
         ("sparse 2:4", Box::new(|r: &mut Rng, n, k| sparse(r, n, k, 2, 4))),
     ]

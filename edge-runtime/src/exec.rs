@@ -180,12 +180,21 @@ pub(crate) fn run_op(
                 ho: ys.dim(2),
                 wo: ys.dim(3),
             };
-            let (weights, bias, lora) = linear_params(&cx, op, adapter);
-            let act = if lora.is_some() { Activation::NONE } else { c.act };
+            let p = linear_params(&cx, op, adapter);
+            let post = p.lora.is_some() || p.row_scales.is_some();
+            let act = if post { Activation::NONE } else { c.act };
+            let kbias = if p.row_scales.is_some() { None } else { p.bias };
             let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
-            conv2d(kernels, &Conv { act, ..*c }, &s, x, weights, bias, y, cx.scratch(op));
-            if let (Some(l), Some(work)) = (lora, work) {
-                lora_conv(c, &s, x, &l, work, y);
+            conv2d(kernels, &Conv { act, ..*c }, &s, x, p.weights, kbias, y, cx.scratch(op));
+            let pixels = s.ho * s.wo;
+            if let Some(ls) = p.row_scales {
+                scale_outputs(y, pixels, s.cout, ls, p.bias);
+            }
+            if let (Some(l), Some(work)) = (&p.lora, work) {
+                lora_conv(c, &s, x, l, work, y);
+            }
+            if post {
+                math::apply_slice(&c.act, y);
             }
         }
         Op::Dense(d) => {
@@ -193,12 +202,19 @@ pub(crate) fn run_op(
             let k = xs.back(1);
             let n = ys.back(1);
             let m = xs.numel() / k;
-            let (weights, bias, lora) = linear_params(&cx, op, adapter);
-            let act = if lora.is_some() { Activation::NONE } else { d.act };
+            let p = linear_params(&cx, op, adapter);
+            let post = p.lora.is_some() || p.row_scales.is_some();
+            let act = if post { Activation::NONE } else { d.act };
+            let kbias = if p.row_scales.is_some() { None } else { p.bias };
             let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
-            dense(kernels, x, m, k, weights, n, bias, act, y, cx.scratch(op));
-            if let (Some(l), Some(work)) = (lora, work) {
-                lora_dense(x, (m, k, n), &l, work, y);
+            dense(kernels, x, m, k, p.weights, n, kbias, act, y, cx.scratch(op));
+            if let Some(ls) = p.row_scales {
+                scale_outputs(y, 1, n, ls, p.bias);
+            }
+            if let (Some(l), Some(work)) = (&p.lora, work) {
+                lora_dense(x, (m, k, n), l, work, y);
+            }
+            if post {
                 math::apply_slice(&d.act, y);
             }
         }
@@ -384,27 +400,59 @@ struct Lora<'a> {
     alpha: f32,
 }
 
+/// What a dense layer or convolution runs with once an adapter's overrides are applied.
+struct LinearParams<'a> {
+    weights: Weights<'a>,
+    bias: Option<&'a [f32]>,
+    lora: Option<Lora<'a>>,
+    /// Log-multipliers of a weight with one scale per row: the fast kernel runs on the frozen
+    /// weight, then output `j` is multiplied by `exp(ls[j])` — exact, as a row's scale
+    /// multiplies its whole sum.
+    row_scales: Option<&'a [f32]>,
+}
+
 /// Weights, bias and LoRA of a dense layer or convolution, with the adapter's overrides.
-fn linear_params<'x>(cx: &Ctx<'x, '_>, op: &OpInfo<'_>, ad: Option<AdapterValues<'x>>) -> (Weights<'x>, Option<&'x [f32]>, Option<Lora<'x>>) {
-    let mut weights = cx.weights(op.input(1));
-    let mut bias = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
-    let mut lora = None;
+fn linear_params<'x>(cx: &Ctx<'x, '_>, op: &OpInfo<'_>, ad: Option<AdapterValues<'x>>) -> LinearParams<'x> {
+    let mut p = LinearParams {
+        weights: cx.weights(op.input(1)),
+        bias: (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2))),
+        lora: None,
+        row_scales: None,
+    };
     if let Some(ad) = ad {
         let i = op.index;
-        bias = ad.find(i, EntryKind::Bias).map(|e| e.1).or(bias);
+        p.bias = ad.find(i, EntryKind::Bias).map(|e| e.1).or(p.bias);
         if let Some((_, h)) = ad.find(i, EntryKind::Head) {
-            weights = Weights::Plain(h);
+            p.weights = Weights::Plain(h);
         }
         let centroids = ad.find(i, EntryKind::Centroids).map(|e| e.1);
         let log_scales = ad.find(i, EntryKind::LogScale).map(|e| e.1);
-        if let (Weights::Quantized(q), true) = (weights, centroids.is_some() || log_scales.is_some()) {
-            weights = Weights::Adapted(AdaptedQ { q, centroids, log_scales });
+        if let Weights::Quantized(q) = p.weights {
+            if centroids.is_none() && q.layout.groups_per_row() == 1 {
+                p.row_scales = log_scales;
+            } else if centroids.is_some() || log_scales.is_some() {
+                p.weights = Weights::Adapted(AdaptedQ { q, centroids, log_scales });
+            }
         }
         if let (Some((ea, a)), Some((_, b))) = (ad.find(i, EntryKind::LoraA), ad.find(i, EntryKind::LoraB)) {
-            lora = Some(Lora { a, b, rank: ea.rank as usize, alpha: ea.alpha });
+            p.lora = Some(Lora { a, b, rank: ea.rank as usize, alpha: ea.alpha });
         }
     }
-    (weights, bias, lora)
+    p
+}
+
+/// `y[b, j, p] = y[b, j, p] · exp(ls[j]) + bias[j]` over `y` laid out `[batch, n, pixels]`.
+fn scale_outputs(y: &mut [f32], pixels: usize, n: usize, ls: &[f32], bias: Option<&[f32]>) {
+    let rows = y.len() / (n * pixels);
+    for j in 0..n {
+        // One exponential per output channel, whatever the batch.
+        let (s, b) = (libm::expf(ls[j]), bias.map_or(0.0, |b| b[j]));
+        for r in 0..rows {
+            for v in &mut y[(r * n + j) * pixels..(r * n + j + 1) * pixels] {
+                *v = *v * s + b;
+            }
+        }
+    }
 }
 
 /// `y[m, n] += α/r · Σ_j B[n, j] · (Σ_k A[j, k] · x[m, k])`, the intermediate in `work`.
@@ -426,7 +474,7 @@ fn lora_dense(x: &[f32], (m, k, n): (usize, usize, usize), l: &Lora<'_>, work: &
 }
 
 /// LoRA of a convolution: `A` is a convolution with `r` outputs and the op's geometry, `B` a
-/// pointwise one; the fused activation is applied after.
+/// pointwise one (the caller applies the fused activation after).
 fn lora_conv(c: &Conv, s: &ConvShape, x: &[f32], l: &Lora<'_>, work: &mut [f32], y: &mut [f32]) {
     let r = l.rank;
     let p = s.ho * s.wo;
@@ -442,7 +490,6 @@ fn lora_conv(c: &Conv, s: &ConvShape, x: &[f32], l: &Lora<'_>, work: &mut [f32],
                     *o += w * v;
                 }
             }
-            math::apply_slice(&c.act, out);
         }
     }
 }

@@ -453,6 +453,34 @@ fn forward_matches_the_runtime_on_test_models() {
     }
 }
 
+#[test]
+fn forward_with_adapters_matches_the_runtime() {
+    use EntryKind::*;
+    // The runtime applies log-scales of one-scale-per-row weights after the fast kernel, and
+    // other overrides through the reference kernel: both must agree with the trainer's forward.
+    let cases: [(&str, Vec<u8>, Vec<(EntryKind, u32, u16)>); 3] = [
+        ("dense (grouped scales, tables, LoRA)", model_dense(), vec![(Bias, 0, 0), (LogScale, 0, 0), (Centroids, 0, 0), (LoraA, 0, 3), (LoraB, 0, 3), (Bias, 2, 0), (LoraA, 2, 2), (LoraB, 2, 2)]),
+        ("conv (row scales, LoRA)", model_conv(false), vec![(Bias, 0, 0), (LogScale, 0, 0), (LoraA, 0, 2), (LoraB, 0, 2), (LogScale, 7, 0), (Bias, 7, 0)]),
+        ("conv (row scales and tables)", model_conv(true), vec![(LogScale, 0, 0), (Centroids, 0, 0), (Bias, 3, 0), (LoraA, 3, 2), (LoraB, 3, 2)]),
+    ];
+    for (name, bytes, spec) in cases {
+        let aligned = AlignedBytes::from(&bytes[..]);
+        let model = Model::from_bytes(aligned.as_bytes()).unwrap();
+        let (entries, values) = adapter(&model, &spec, 4);
+        let dims: Vec<usize> = model.tensor(model.input(0).unwrap().tensor).meta.shape.dims().iter().map(|&d| d as usize).collect();
+        let x = Rng(6).vec(dims.iter().product(), 1.0);
+        let mut bp = Backprop::new(model, &entries).unwrap();
+        let mine = bp.forward(&x, &values).unwrap().to_vec();
+        let mut rt = ours(&bytes);
+        rt.adapter = Some(edgetune_cli::runner::HostAdapter::new(&model, entries, values));
+        let theirs = run_ours(&mut rt, &dims, &x);
+        let diff = mine.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let scale = mine.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        println!("{name}: adapted forward vs runtime max |diff| {diff:.2e} (outputs up to {scale:.2})");
+        assert!(diff < 1e-5 * scale.max(1.0), "{name}: {diff}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The digits models.
 

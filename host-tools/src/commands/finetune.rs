@@ -139,10 +139,7 @@ pub fn replay(model: &Model<'_>, log: &RunLog) -> Result<HostAdapter> {
     };
     let mut best = values.clone();
     for s in &log.steps {
-        train::replay_perturbations(&mut values, &log.config, s.step);
-        if s.flags & SKIPPED == 0 {
-            train::apply_update(&mut values, &log.config, s.step, &s.g, &|i| decay[i]);
-        }
+        train::replay_step(&mut values, &log.config, s.step, &s.g, s.flags & SKIPPED != 0, &|i| decay[i]);
         if s.flags & SNAPSHOT != 0 {
             best.copy_from_slice(&values);
         }
