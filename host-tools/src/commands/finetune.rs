@@ -59,6 +59,11 @@ pub struct FinetuneArgs {
     /// Steps.
     #[arg(long, default_value_t = 4000)]
     pub steps: u32,
+    /// Samples per step (both losses see the same ones); a multiple of the model's batch, which
+    /// is the default. Above it, each loss runs several forward passes and the frozen prefix is
+    /// not cached.
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Learning rate.
     #[arg(long, default_value_t = 1e-2)]
     pub lr: f32,
@@ -89,6 +94,10 @@ pub struct FinetuneArgs {
     /// Validate every this many steps.
     #[arg(long, default_value_t = 250)]
     pub eval_every: u32,
+    /// Train the same adapter with backprop instead (host only, a baseline for zeroth-order):
+    /// `adam` or `sgd`, with --lr, --steps, --wd and --seed; cross-entropy on --labels.
+    #[arg(long, value_name = "OPTIMIZER")]
+    pub first_order: Option<String>,
     /// Run the whole model for every loss instead of caching the frozen prefix.
     #[arg(long)]
     pub no_prefix_cache: bool,
@@ -181,12 +190,18 @@ pub struct FinetuneReport {
     pub seconds: f64,
     /// Steps per second.
     pub steps_per_second: f64,
+    /// Mean training loss of the first and the last 50 steps (perturbed evaluations).
+    pub train_loss: (f64, f64),
     /// Steps skipped for non-finite losses.
     pub skipped: u32,
     /// Rollbacks to the best values.
     pub rollbacks: u32,
     /// Bytes: activation arena (training plan).
     pub arena_bytes: u64,
+    /// Bytes: the model's own (inference) arena, for comparison.
+    pub inference_arena_bytes: u64,
+    /// Samples per step.
+    pub batch: usize,
     /// Bytes: trainable values.
     pub adapter_values_bytes: usize,
     /// Bytes: adapter workspace (LoRA intermediates).
@@ -337,6 +352,9 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
     let (entries, values) = build_entries(&model, &a.trainable, &a.lora_targets, a.seed)?;
     let mut host = HostAdapter::new(&model, entries, values);
+    if let Some(opt) = &a.first_order {
+        return run_first_order(a, &model, &mut host, opt);
+    }
     let initial = host.to_bytes(&model)?;
     let cfg = ZoConfig {
         seed: a.seed,
@@ -391,15 +409,57 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
             "trained {} values for {} steps ({} forward passes) in {:.1} s ({:.0} steps/s); skipped {}, rollbacks {}",
             report.trainables, report.steps, report.forwards, report.seconds, report.steps_per_second, report.skipped, report.rollbacks
         );
+        println!("training loss {:.6} (first 50 steps) -> {:.6} (last 50)", report.train_loss.0, report.train_loss.1);
         if let (Some(b), Some(best)) = (report.val_accuracy_before, report.val_accuracy_best) {
             println!("validation accuracy {:.2}% -> {:.2}% (best, saved)", 100.0 * b, 100.0 * best);
         }
         println!(
-            "memory: arena {} B + adapter values {} B + workspace {} B; prefix of {} of {} ops cached",
-            report.arena_bytes, report.adapter_values_bytes, report.adapter_workspace_bytes, report.prefix_ops, report.ops
+            "memory: arena {} B (inference: {} B) + adapter values {} B + workspace {} B; prefix of {} of {} ops cached",
+            report.arena_bytes,
+            report.inference_arena_bytes,
+            report.adapter_values_bytes,
+            report.adapter_workspace_bytes,
+            report.prefix_ops,
+            report.ops
         );
         println!("wrote {}, {}, {}", a.output.display(), log_path.display(), plot_path.display());
     }
+    Ok(())
+}
+
+/// `edgetune finetune --first-order`: the same trainables by backprop through the tail.
+fn run_first_order(a: &FinetuneArgs, model: &Model<'_>, host: &mut HostAdapter, opt: &str) -> Result<()> {
+    use crate::finetune::backprop::{Backprop, FirstOrderConfig, Optimizer};
+    let optimizer = match opt {
+        "adam" => Optimizer::Adam { lr: a.lr },
+        "sgd" => Optimizer::Sgd { lr: a.lr },
+        o => bail!("--first-order {o:?}: adam or sgd"),
+    };
+    if a.loss != "ce" {
+        bail!("--first-order trains with cross-entropy (--loss ce)");
+    }
+    let x = load_named(model, &a.train)?;
+    if x.len() != 1 {
+        bail!("--first-order takes models with one input");
+    }
+    let labels = npy::read(a.labels.as_ref().ok_or_else(|| anyhow!("--first-order needs --labels"))?)?.to_i64();
+    let mut bp = Backprop::new(*model, &host.entries)?;
+    let cfg = FirstOrderConfig { optimizer, steps: a.steps, seed: a.seed, weight_decay: a.wd };
+    let data = x[0].to_f32();
+    let started = Instant::now();
+    let log = bp.train(&mut host.values, &data, &labels, &cfg)?;
+    let seconds = started.elapsed().as_secs_f64();
+    std::fs::write(&a.output, host.to_bytes(model)?).with_context(|| format!("writing {}", a.output.display()))?;
+    let tail = log.len().saturating_sub(20);
+    let last = log[tail..].iter().map(|l| l.1 as f64).sum::<f64>() / (log.len() - tail).max(1) as f64;
+    println!(
+        "first-order ({opt}) trained {} values for {} steps ({} forward + {} backward passes) in {seconds:.1} s; final train loss {last:.4}; wrote {}",
+        host.values.len(),
+        a.steps,
+        a.steps,
+        a.steps,
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -493,6 +553,11 @@ fn split_rows(a: &Array, at: usize) -> (Array, Array) {
 
 type Curves = (Vec<(f64, f64)>, Vec<(f64, f64)>);
 
+fn mean<'a>(v: impl ExactSizeIterator<Item = &'a f64>) -> f64 {
+    let n = v.len().max(1) as f64;
+    v.sum::<f64>() / n
+}
+
 /// The training loop (also used by tests and benchmarks).
 #[allow(clippy::too_many_arguments)]
 pub fn train_zo(
@@ -506,7 +571,13 @@ pub fn train_zo(
     val: Option<&(Vec<Array>, Vec<i64>)>,
 ) -> Result<(FinetuneReport, Vec<StepEntry>, Curves)> {
     let input = model.tensor(model.input(0).unwrap().tensor);
+    // Samples per forward pass, and forward passes per loss.
     let batch = input.meta.shape.dim(0);
+    let step_batch = a.batch.unwrap_or(batch);
+    if step_batch == 0 || step_batch % batch != 0 {
+        bail!("--batch {step_batch}: must be a multiple of the model's batch of {batch} (import with another --input shape to change it)");
+    }
+    let passes = step_batch / batch;
     let n = x[0].shape[0];
     let mut batcher = Batcher::new(model, x, batch)?;
     let out0 = model.tensor(model.output(0).unwrap().tensor);
@@ -520,7 +591,8 @@ pub fn train_zo(
     let target_data = targets.map(|t| t.to_f32());
     // A training plan: the prefix before the first adapted op is computed once per minibatch.
     let first = host.entries.iter().map(|e| e.op).min().unwrap_or(0);
-    let prefix = if a.no_prefix_cache { 0 } else { first };
+    // The cached prefix holds one forward pass's samples.
+    let prefix = if a.no_prefix_cache || passes > 1 { 0 } else { first };
     let train_bytes = {
         let g = Graph::from_model(model)?;
         let (b, _) = pack_with(&g, (prefix > 0).then_some(prefix as usize))?;
@@ -542,9 +614,9 @@ pub fn train_zo(
     };
     let decay = |i: usize| decay_from[i];
     let mut sampler = Sampler { n, state: cfg.seed ^ 0x5eed };
-    let mut idx = vec![0usize; batch];
-    let mut lb = vec![0usize; batch];
-    let mut tb = vec![0f32; batch * classes];
+    let mut idx = vec![0usize; step_batch];
+    let mut lb = vec![0usize; step_batch];
+    let mut tb = vec![0f32; step_batch * classes];
     let work_len = host.work.len();
     let mut best = host.values.clone();
     let mut best_loss = f32::INFINITY;
@@ -553,6 +625,7 @@ pub fn train_zo(
     let mut train_curve = Vec::new();
     let mut val_curve = Vec::new();
     let mut smooth = f32::NAN;
+    let (mut loss_head, mut loss_tail) = (Vec::with_capacity(50), std::collections::VecDeque::with_capacity(50));
     let (mut skipped, mut rollbacks) = (0, 0);
     let bar = (!a.quiet && !a.json).then(|| {
         let b = indicatif::ProgressBar::new(a.steps as u64);
@@ -595,7 +668,6 @@ pub fn train_zo(
             for i in idx.iter_mut() {
                 *i = sampler.next();
             }
-            batcher.load(&mut session, &idx)?;
             if let Some(l) = labels {
                 for (o, &i) in lb.iter_mut().zip(&idx) {
                     *o = l[i] as usize;
@@ -604,32 +676,52 @@ pub fn train_zo(
             if let Some(t) = &target_data {
                 gather_rows(t, classes, &idx, &mut tb);
             }
+            if passes == 1 {
+                batcher.load(&mut session, &idx)?;
+            }
             if prefix > 0 {
                 session.run_range(0..prefix, None)?;
             }
             let mut failure = None;
             let rec = train::zo_step(&mut ad, cfg, step, &decay, |ad| {
-                forwards += 1;
-                if let Err(e) = session.run_range(prefix..ops, Some(ad)) {
-                    failure = Some(e);
-                    return f32::NAN;
+                let mut total = 0.0f32;
+                for p in 0..passes {
+                    let part = p * batch..(p + 1) * batch;
+                    if passes > 1 {
+                        if let Err(e) = batcher.load(&mut session, &idx[part.clone()]) {
+                            failure = Some(e);
+                            return f32::NAN;
+                        }
+                    }
+                    forwards += 1;
+                    if let Err(e) = session.run_range(prefix..ops, Some(ad)) {
+                        failure = Some(e.into());
+                        return f32::NAN;
+                    }
+                    let out = session.output::<f32>(0).expect("f32 output");
+                    total += match loss_kind {
+                        "mse" => train::mse(out, &tb[part.start * classes..part.end * classes]),
+                        "error" => train::error_rate(out, classes, lb[part].iter().copied()),
+                        _ => train::cross_entropy(out, classes, lb[part].iter().copied()),
+                    };
                 }
-                let out = session.output::<f32>(0).expect("f32 output");
-                if std::env::var_os("EDGETUNE_DEBUG").is_some() && step < 3 {
-                    eprintln!("step {step} out[..4] {:?} max {}", &out[..4], out.iter().fold(f32::MIN, |m, v| m.max(*v)));
-                }
-                match loss_kind {
-                    "mse" => train::mse(out, &tb),
-                    "error" => train::error_rate(out, classes, lb.iter().copied()),
-                    _ => train::cross_entropy(out, classes, lb.iter().copied()),
-                }
+                total / passes as f32
             });
             if let Some(e) = failure {
-                return Err(e.into());
+                return Err(e);
             }
             let mut flags = if rec.skipped { SKIPPED } else { 0 };
             skipped += rec.skipped as u32;
             smooth = if smooth.is_nan() { rec.loss } else { 0.98 * smooth + 0.02 * rec.loss };
+            if rec.loss.is_finite() {
+                if loss_head.len() < 50 {
+                    loss_head.push(rec.loss as f64);
+                }
+                if loss_tail.len() == 50 {
+                    loss_tail.pop_front();
+                }
+                loss_tail.push_back(rec.loss as f64);
+            }
             if step % 10 == 0 && smooth.is_finite() {
                 train_curve.push((step as f64, smooth as f64));
             }
@@ -675,9 +767,12 @@ pub fn train_zo(
         val_accuracy_best: val_best,
         seconds,
         steps_per_second: a.steps as f64 / seconds.max(1e-9),
+        train_loss: (mean(loss_head.iter()), mean(loss_tail.iter())),
         skipped,
         rollbacks,
         arena_bytes: tmodel.arena_bytes(),
+        inference_arena_bytes: model.arena_bytes(),
+        batch: step_batch,
         adapter_values_bytes: host.values.len() * 4,
         adapter_workspace_bytes: host.work.len() * 4,
         prefix_ops: prefix,
