@@ -133,6 +133,25 @@ pub struct ReplayArgs {
     pub output: PathBuf,
 }
 
+/// Writes `path` through a temporary file, fsynced and renamed over it: a crash or a full disk
+/// leaves the previous adapter (or log) whole, never a torn one.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
+}
+
 /// Rebuilds a run's adapter from its log alone: the initial adapter, then per step the
 /// perturbation arithmetic (regenerated from the seed) and the logged update.
 pub fn replay(model: &Model<'_>, log: &RunLog) -> Result<HostAdapter> {
@@ -168,7 +187,7 @@ pub fn run_replay(a: &ReplayArgs) -> Result<()> {
     let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
     let log = RunLog::parse(&std::fs::read(&a.log).with_context(|| format!("reading {}", a.log.display()))?)?;
     let host = replay(&model, &log)?;
-    std::fs::write(&a.output, host.to_bytes(&model)?)?;
+    write_durably(&a.output, &host.to_bytes(&model)?)?;
     println!("replayed {} steps into {} values; wrote {}", log.steps.len(), host.values.len(), a.output.display());
     Ok(())
 }
@@ -394,9 +413,9 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let _ = &mut targets;
     let (report, log_steps, curve) = out;
     let eta = host.to_bytes(&model)?;
-    std::fs::write(&a.output, &eta).with_context(|| format!("writing {}", a.output.display()))?;
+    write_durably(&a.output, &eta)?;
     let log_path = a.log.clone().unwrap_or_else(|| a.output.with_extension("ztl"));
-    std::fs::write(&log_path, RunLog { config: cfg, initial, keep_best: val.is_some(), steps: log_steps }.to_bytes())?;
+    write_durably(&log_path, &RunLog { config: cfg, initial, keep_best: val.is_some(), steps: log_steps }.to_bytes())?;
     let plot_path = a.plot.clone().unwrap_or_else(|| a.output.with_extension("svg"));
     let (train_curve, val_curve) = curve;
     if let Err(e) = crate::plot::lines(&plot_path, "zeroth-order fine-tuning", "step", "loss", &[("train loss (smoothed)", train_curve), ("validation loss", val_curve)]) {
@@ -449,7 +468,7 @@ fn run_first_order(a: &FinetuneArgs, model: &Model<'_>, host: &mut HostAdapter, 
     let started = Instant::now();
     let log = bp.train(&mut host.values, &data, &labels, &cfg)?;
     let seconds = started.elapsed().as_secs_f64();
-    std::fs::write(&a.output, host.to_bytes(model)?).with_context(|| format!("writing {}", a.output.display()))?;
+    write_durably(&a.output, &host.to_bytes(model)?)?;
     let tail = log.len().saturating_sub(20);
     let last = log[tail..].iter().map(|l| l.1 as f64).sum::<f64>() / (log.len() - tail).max(1) as f64;
     println!(
