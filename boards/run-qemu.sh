@@ -12,8 +12,10 @@
 #               instruction, so counter readings are deterministic (instructions, not host time)
 #   --no-run    build and print sizes only
 #
-# Build-time inputs (environment, see boards/README.md): EDGETUNE_MODEL, EDGETUNE_TEST_DATA,
-# EDGETUNE_ARENA_BYTES, EDGETUNE_ARENA_IN, EDGETUNE_FW_FAULT. Toolchain: CROSS_CARGO and
+# Build-time inputs (environment, see boards/README.md and firmware/mps2-an386/build.rs):
+# EDGETUNE_MODEL, EDGETUNE_TEST_DATA, EDGETUNE_TEST_LABELS, EDGETUNE_TRAIN_DATA,
+# EDGETUNE_TRAIN_LABELS, EDGETUNE_ADAPTER, EDGETUNE_ADAPTER_VALUES, EDGETUNE_ADAPTER_WORKSPACE,
+# EDGETUNE_FINETUNE, EDGETUNE_ARENA_BYTES, EDGETUNE_ARENA_IN, EDGETUNE_FW_FAULT. Toolchain: CROSS_CARGO and
 # CROSS_RUSTC (default Debian's /usr/bin/cargo and /usr/bin/rustc, see setup-cross.sh).
 set -euo pipefail
 
@@ -59,7 +61,7 @@ command -v ld.lld >/dev/null || die "ld.lld missing: run boards/setup-cross.sh"
 ((RUN == 0)) || command -v qemu-system-arm >/dev/null || die "qemu-system-arm missing: run boards/setup-cross.sh"
 
 # Inputs given relative to where the script was called from become absolute for build.rs.
-for var in EDGETUNE_MODEL EDGETUNE_TEST_DATA; do
+for var in EDGETUNE_MODEL EDGETUNE_TEST_DATA EDGETUNE_TEST_LABELS EDGETUNE_TRAIN_DATA EDGETUNE_TRAIN_LABELS EDGETUNE_ADAPTER; do
     if [[ -n ${!var:-} ]]; then
         [[ -f ${!var} ]] || die "$var=${!var}: no such file"
         export "$var=$(cd "$(dirname "${!var}")" && pwd)/$(basename "${!var}")"

@@ -3,7 +3,9 @@
 //! The entry table is small and fixed-size; the values and a workspace (for LoRA intermediates)
 //! are caller-provided buffers, so a device sizes them statically.
 
-use edgetune_core::adapter::{adapter_len, expected_shape, write_adapter, AdapterView, Entry, EntryKind};
+use edgetune_core::adapter::{adapter_len, expected_shape, write_adapter, AdapterView};
+/// The `.eta` entry types, re-exported so firmware needs only this crate.
+pub use edgetune_core::adapter::{Entry, EntryKind};
 use edgetune_core::{FormatError, Model, Op};
 
 /// Most entries an adapter holds.

@@ -120,6 +120,38 @@ pub fn perturb(values: &mut [f32], key: u64, scale: f32, dist: Perturbation) {
     }
 }
 
+/// Minibatch indices drawn with a seeded generator: the same sequence on every target, so a
+/// board and a host run with the same seed see the same samples in the same order.
+///
+/// ```
+/// use edgetune_runtime::train::Sampler;
+/// let (mut a, mut b) = (Sampler::new(100, 7), Sampler::new(100, 7));
+/// let first: Vec<usize> = (0..5).map(|_| a.next_index()).collect();
+/// assert!(first.iter().all(|&i| i < 100));
+/// assert_eq!(first, (0..5).map(|_| b.next_index()).collect::<Vec<_>>());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    n: u64,
+    state: u64,
+}
+
+impl Sampler {
+    /// Draws from `0..n` (`n` ≥ 1) with `seed` (the run's base seed).
+    pub fn new(n: usize, seed: u64) -> Sampler {
+        Sampler { n: n.max(1) as u64, state: seed ^ 0x5eed }
+    }
+
+    /// The next sample index.
+    pub fn next_index(&mut self) -> usize {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = self.state;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((x ^ (x >> 31)) % self.n) as usize
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepRecord {

@@ -342,26 +342,25 @@ fn decoded_weight(model: &Model<'_>, id: u32) -> Result<Vec<f32>> {
     })
 }
 
-/// Minibatches drawn with a seeded generator (the same sequence on every run with that seed).
-struct Sampler {
-    n: usize,
-    state: u64,
-}
-
-impl Sampler {
-    fn next(&mut self) -> usize {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut x = self.state;
-        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((x ^ (x >> 31)) % self.n as u64) as usize
-    }
-}
-
 /// Copies samples `idx` of `data` (`per` values each) into `out`.
 fn gather_rows(data: &[f32], per: usize, idx: &[usize], out: &mut [f32]) {
     for (j, &i) in idx.iter().enumerate() {
         out[j * per..(j + 1) * per].copy_from_slice(&data[i * per..(i + 1) * per]);
+    }
+}
+
+/// The zeroth-order hyper-parameters the flags give.
+pub fn zo_config(a: &FinetuneArgs) -> ZoConfig {
+    ZoConfig {
+        seed: a.seed,
+        lr: a.lr,
+        eps: a.eps,
+        weight_decay: a.wd,
+        clip: a.clip,
+        directions: a.directions,
+        one_sided: a.one_sided,
+        rule: if a.sign { Rule::SignSgd } else { Rule::Sgd },
+        perturbation: if a.rademacher { Perturbation::Rademacher } else { Perturbation::Gaussian },
     }
 }
 
@@ -375,17 +374,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         return run_first_order(a, &model, &mut host, opt);
     }
     let initial = host.to_bytes(&model)?;
-    let cfg = ZoConfig {
-        seed: a.seed,
-        lr: a.lr,
-        eps: a.eps,
-        weight_decay: a.wd,
-        clip: a.clip,
-        directions: a.directions,
-        one_sided: a.one_sided,
-        rule: if a.sign { Rule::SignSgd } else { Rule::Sgd },
-        perturbation: if a.rademacher { Perturbation::Rademacher } else { Perturbation::Gaussian },
-    };
+    let cfg = zo_config(a);
     let mut x = load_named(&model, &a.train)?;
     let mut labels = a.labels.as_ref().map(|p| npy::read(p).map(|l| l.to_i64())).transpose()?;
     let mut targets = a.targets.as_ref().map(|p| npy::read(p)).transpose()?;
@@ -632,7 +621,7 @@ pub fn train_zo(
         v
     };
     let decay = |i: usize| decay_from[i];
-    let mut sampler = Sampler { n, state: cfg.seed ^ 0x5eed };
+    let mut sampler = train::Sampler::new(n, cfg.seed);
     let mut idx = vec![0usize; step_batch];
     let mut lb = vec![0usize; step_batch];
     let mut tb = vec![0f32; step_batch * classes];
@@ -685,7 +674,7 @@ pub fn train_zo(
         let mut ad = Adapter::from_parts(model, &entries, &mut host.values, &mut host.work).map_err(|e| anyhow!("{e}"))?;
         for step in 0..a.steps {
             for i in idx.iter_mut() {
-                *i = sampler.next();
+                *i = sampler.next_index();
             }
             if let Some(l) = labels {
                 for (o, &i) in lb.iter_mut().zip(&idx) {

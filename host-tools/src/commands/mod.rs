@@ -4,6 +4,7 @@ pub mod bench;
 pub mod compress;
 pub mod eval;
 pub mod finetune;
+pub mod flash;
 pub mod inspect;
 pub mod report;
 
@@ -49,6 +50,9 @@ pub enum Command {
     Finetune(finetune::FinetuneArgs),
     /// Rebuild a fine-tuned adapter from its run log alone.
     Replay(finetune::ReplayArgs),
+    /// Build firmware around a model and data, check it fits the board, run it (QEMU), and
+    /// check its accuracy and fine-tuned adapter against the host.
+    Flash(flash::FlashArgs),
     /// Sweep compression recipes over a model and data: size-vs-quality table and Pareto plot.
     Report(report::ReportArgs),
     /// Import the bundled digits CNN, run it on the bundled test set, print accuracy and sizes.
@@ -365,6 +369,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Report(a) => report::run(&a)?,
         Command::Finetune(a) => finetune::run(&a)?,
         Command::Replay(a) => finetune::run_replay(&a)?,
+        Command::Flash(a) => flash::run(&a)?,
         Command::Demo(a) => demo(a.json)?,
     }
     Ok(())

@@ -65,7 +65,7 @@ pub struct Footprint {
     /// Constants, including the embedded model and test data.
     pub rodata: usize,
     /// Initialised statics (stored in flash, copied to RAM at reset).
-    pub data: usize,
+    pub data_section: usize,
     /// Zeroed statics.
     pub bss: usize,
     /// Uninitialised statics (the arena, unless it is in PSRAM).
@@ -78,6 +78,14 @@ pub struct Footprint {
     pub stack_size: usize,
     /// Deepest stack use so far.
     pub stack_used: usize,
+    /// Embedded model bytes (in `.rodata`).
+    pub model: usize,
+    /// Embedded data bytes: test and training subsets, initial adapter (in `.rodata`).
+    pub data: usize,
+    /// Activation arena (in `.uninit` or PSRAM).
+    pub arena: usize,
+    /// Fine-tuning buffers: adapter values, workspace, one `.eta` file (in `.bss`).
+    pub trainer: usize,
 }
 
 impl Footprint {
@@ -88,25 +96,29 @@ impl Footprint {
             vectors: sym!(__stext) - sym!(__vector_table),
             text: sym!(__etext) - sym!(__stext),
             rodata: sym!(__erodata) - sym!(__srodata),
-            data: sym!(__edata) - sym!(__sdata),
+            data_section: sym!(__edata) - sym!(__sdata),
             bss: sym!(__ebss) - sym!(__sbss),
             uninit: sym!(__euninit) - sym!(__suninit),
             adapter_store: sym!(__eadapter) - sym!(__sadapter),
             psram: sym!(__epsram) - sym!(__spsram),
             stack_size: stack.end - stack.start,
             stack_used: stack_high_water(),
+            model: crate::hooks::model_bytes().len(),
+            data: crate::hooks::embedded_data_bytes(),
+            arena: crate::hooks::ARENA_BYTES,
+            trainer: crate::hooks::TRAIN_BUFFER_BYTES,
         }
     }
 
     /// Bytes of flash the image occupies: vectors, code, constants and `.data`'s initial values.
     pub fn flash(&self) -> usize {
         // .data's load image follows .rodata; alignment padding is counted via the LMA.
-        sym!(__sidata) + self.data - sym!(__vector_table)
+        sym!(__sidata) + self.data_section - sym!(__vector_table)
     }
 
     /// Bytes of RAM taken by statics.
     pub fn static_ram(&self) -> usize {
-        self.data + self.bss + self.uninit
+        self.data_section + self.bss + self.uninit
     }
 }
 
@@ -120,15 +132,29 @@ impl fmt::Display for Footprint {
             self.vectors,
             self.text,
             self.rodata,
-            self.data
+            self.data_section
         )?;
         writeln!(
             f,
             "  static RAM   {:>9} B  (.data {} + .bss {} + .uninit {})",
             self.static_ram(),
-            self.data,
+            self.data_section,
             self.bss,
             self.uninit
+        )?;
+        writeln!(
+            f,
+            "  of flash: model {} B, data {} B, runtime and firmware code {} B",
+            self.model,
+            self.data,
+            self.flash() - self.model - self.data
+        )?;
+        writeln!(
+            f,
+            "  of RAM: arena {} B, fine-tuning buffers {} B; with the stack used: {} B",
+            self.arena,
+            self.trainer,
+            self.static_ram() + self.stack_used
         )?;
         writeln!(
             f,

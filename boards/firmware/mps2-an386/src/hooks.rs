@@ -5,8 +5,9 @@
 //! 1. [`model`]          - the embedded `.etm` (from `EDGETUNE_MODEL` at build time), validated
 //! 2. [`test_data`]      - the embedded test data (from `EDGETUNE_TEST_DATA`)
 //! 3. [`take_arena`]     - the static activation arena (`EDGETUNE_ARENA_BYTES`, `EDGETUNE_ARENA_IN`)
-//! 4. [`run_inference`]  - STUB: run the model on the test data
-//! 5. [`fine_tune`]      - STUB: fine-tune, and save the adapter to the board's storage
+//! 4. [`run_inference`]  - run the model on the embedded test subset, print its accuracy
+//! 5. [`fine_tune`]      - zeroth-order fine-tuning on the embedded training subset, save the
+//!    adapter to the board's storage (A/B slots), reload it, print accuracy and the adapter bytes
 //!
 //! 4 and 5 are called only when a model is embedded; each is generic over the [`Board`], so the
 //! code that goes in here is the same for every board. Whatever they print goes to the board's
@@ -17,8 +18,15 @@ use core::mem::MaybeUninit;
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use edgetune_boards::{Board, Parts};
-use edgetune_runtime::{FormatError, Model};
+use core::fmt::Write;
+
+use edgetune_boards::{Board, MonotonicCounter, Parts};
+use edgetune_runtime::adapter::{Adapter, AdapterError, EntryKind};
+use edgetune_runtime::kernels::Kernels;
+use edgetune_runtime::store::{FlashStore, StoreError};
+use edgetune_runtime::train::{self, Sampler, ZoConfig};
+use edgetune_runtime::{FormatError, Model, RunError, Session};
+use embedded_storage::nor_flash::{NorFlash, ReadNorFlash};
 
 /// Wrapper that aligns its contents to 64 bytes, the `.etm` section alignment, so the model's
 /// weights are used in place from flash.
@@ -32,7 +40,6 @@ include!(concat!(env!("OUT_DIR"), "/config.rs"));
 /// What a hook did.
 pub enum Outcome {
     /// It ran, and printed what it measured to the log.
-    #[allow(dead_code)] // the stubs only skip
     Done,
     /// Not wired yet, or nothing to do; the text says why.
     Skipped(&'static str),
@@ -52,6 +59,12 @@ pub enum HookError {
     },
     /// Adapter storage failed.
     Storage(embedded_storage::nor_flash::NorFlashErrorKind),
+    /// The runtime refused a run.
+    Run(RunError),
+    /// The adapter does not fit the model or the buffers.
+    Adapter(AdapterError),
+    /// The A/B adapter store failed.
+    Store(StoreError),
     /// Anything else.
     Failed(&'static str),
 }
@@ -65,6 +78,9 @@ impl fmt::Display for HookError {
                 "arena too small: the model needs {needed} B, EDGETUNE_ARENA_BYTES gives {available} B"
             ),
             HookError::Storage(e) => write!(f, "adapter storage: {e}"),
+            HookError::Run(e) => write!(f, "runtime: {e}"),
+            HookError::Adapter(e) => write!(f, "adapter: {e}"),
+            HookError::Store(e) => write!(f, "adapter store: {e}"),
             HookError::Failed(msg) => f.write_str(msg),
         }
     }
@@ -96,6 +112,12 @@ pub fn model() -> Result<Option<Model<'static>>, HookError> {
 /// Its layout is up to the lead: e.g. N inputs of the model's input size followed by N labels.
 pub fn test_data() -> Option<&'static [u8]> {
     TEST_DATA_GIVEN.then_some(&TEST_DATA.0)
+}
+
+/// Bytes of embedded data besides the model: test and training subsets, the initial adapter.
+pub fn embedded_data_bytes() -> usize {
+    let given = |g: bool, b: &[u8]| if g { b.len() } else { 0 };
+    given(TEST_DATA_GIVEN, &TEST_DATA.0) + given(TEST_DATA_GIVEN, &TEST_LABELS.0) + given(TRAIN_GIVEN, &TRAIN_DATA.0) + given(TRAIN_GIVEN, &TRAIN_LABELS.0) + given(ADAPTER_GIVEN, &INITIAL_ADAPTER.0)
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -136,34 +158,217 @@ pub fn check_arena(model: &Model<'_>, arena: &[u8]) -> Result<(), HookError> {
 }
 
 // -------------------------------------------------------------------------------------------------
-// HOOK 4: inference (STUB)
+// HOOK 4: inference
 
-/// Runs the model over the test data and reports what it measured (accuracy, latency, ...).
-///
-/// STUB: plug the runtime's `Session` in here. Time steps with `parts.counter` and print with
-/// `parts.log`.
-pub fn run_inference<B: Board>(
-    model: &Model<'static>,
-    arena: &mut [u8],
-    data: Option<&'static [u8]>,
-    parts: &mut Parts<B>,
-) -> Result<Outcome, HookError> {
-    let _ = (model, arena, data, parts);
-    Ok(Outcome::Skipped("not wired yet, see src/hooks.rs"))
+/// Inputs per sample and classes per output of a one-sample-per-run classifier.
+fn classifier_shape(model: &Model<'_>) -> Result<(usize, usize), HookError> {
+    let (Some(input), Some(output)) = (model.input(0), model.output(0)) else {
+        return Err(HookError::Failed("the model needs an input and an output"));
+    };
+    let shape = model.tensor(input.tensor).meta.shape;
+    if shape.dim(0) != 1 {
+        return Err(HookError::Failed("the firmware runs one sample at a time: import the model with batch 1"));
+    }
+    Ok((shape.numel(), model.tensor(output.tensor).meta.shape.numel()))
+}
+
+/// Samples of a data blob of f32 little-endian inputs and its one-byte labels.
+struct Samples {
+    inputs: &'static [u8],
+    labels: &'static [u8],
+    per: usize,
+}
+
+impl Samples {
+    fn new(inputs: &'static [u8], labels: &'static [u8], per: usize) -> Result<Samples, HookError> {
+        if labels.is_empty() || inputs.len() != labels.len() * per * 4 {
+            return Err(HookError::Failed("embedded data: inputs are not one f32 sample per label"));
+        }
+        Ok(Samples { inputs, labels, per })
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Copies sample `i` into the session's input.
+    fn load(&self, session: &mut Session<'_, '_>, i: usize) -> Result<(), HookError> {
+        let src = &self.inputs[i * self.per * 4..(i + 1) * self.per * 4];
+        let dst = session.input_mut::<f32>(0).map_err(HookError::Run)?;
+        for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+
+    /// Correct top-1 predictions over all samples.
+    fn hits(&self, session: &mut Session<'_, '_>, mut adapter: Option<&mut Adapter<'_>>) -> Result<usize, HookError> {
+        let mut hits = 0;
+        for i in 0..self.len() {
+            self.load(session, i)?;
+            session.run_with(adapter.as_deref_mut()).map_err(HookError::Run)?;
+            let out = session.output::<f32>(0).map_err(HookError::Run)?;
+            let classes = out.len();
+            hits += (train::error_rate(out, classes, [self.labels[i] as usize]) == 0.0) as usize;
+        }
+        Ok(hits)
+    }
+}
+
+fn test_samples(model: &Model<'_>) -> Result<Option<Samples>, HookError> {
+    let (per, _) = classifier_shape(model)?;
+    match test_data() {
+        None => Ok(None),
+        Some(x) => Samples::new(x, &TEST_LABELS.0, per).map(Some),
+    }
+}
+
+fn percent(hits: usize, n: usize) -> (usize, usize) {
+    let bp = (hits * 10_000 + n / 2) / n.max(1);
+    (bp / 100, bp % 100)
+}
+
+/// Runs the model over the embedded test subset and prints its accuracy and time per sample.
+pub fn run_inference<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut Parts<B>) -> Result<Outcome, HookError> {
+    let Some(test) = test_samples(model)? else {
+        return Ok(Outcome::Skipped("no test data embedded"));
+    };
+    let mut session = Session::new(model, arena).map_err(HookError::Run)?;
+    let start = parts.counter.now();
+    let hits = test.hits(&mut session, None)?;
+    let us = parts.counter.elapsed_micros(start);
+    let (p, f) = percent(hits, test.len());
+    let _ = writeln!(parts.log, "inference: accuracy {hits}/{} ({p}.{f:02}%) on the embedded test subset, {} us per sample", test.len(), us / test.len() as u64);
+    Ok(Outcome::Done)
 }
 
 // -------------------------------------------------------------------------------------------------
-// HOOK 5: fine-tuning (STUB)
+// HOOK 5: fine-tuning
 
-/// Fine-tunes on the test data and saves the adapter to `parts.storage` (A/B slots).
-///
-/// STUB: plug the runtime's zeroth-order / LoRA trainer and adapter persistence in here.
-pub fn fine_tune<B: Board>(
-    model: &Model<'static>,
-    arena: &mut [u8],
-    data: Option<&'static [u8]>,
-    parts: &mut Parts<B>,
-) -> Result<Outcome, HookError> {
-    let _ = (model, arena, data, parts);
-    Ok(Outcome::Skipped("not wired yet, see src/hooks.rs"))
+/// The trainer's buffers: adapter values and workspace, and one `.eta` file (saved, then loaded).
+struct TrainBuffers {
+    values: [f32; ADAPTER_VALUES],
+    workspace: [f32; ADAPTER_WORKSPACE],
+    file: Aligned64<[u8; ADAPTER_FILE_BYTES]>,
+}
+
+static mut TRAIN: TrainBuffers = TrainBuffers { values: [0.0; ADAPTER_VALUES], workspace: [0.0; ADAPTER_WORKSPACE], file: Aligned64([0; ADAPTER_FILE_BYTES]) };
+static TRAIN_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Bytes of RAM the trainer's buffers take (in `.bss`).
+pub const TRAIN_BUFFER_BYTES: usize = core::mem::size_of::<TrainBuffers>();
+
+/// Most LoRA entries an adapter may have here (weight decay applies to their values).
+const MAX_LORA_ENTRIES: usize = 16;
+
+/// Zeroth-order fine-tuning on the embedded training subset from the embedded initial adapter:
+/// the same sampler, steps and loss as `edgetune finetune` with one forward pass per sample, on
+/// the scalar reference kernels, so the adapter comes out bit for bit as a host run's. Saves the
+/// adapter to the board's storage (A/B slots), reloads it, prints accuracy before and after, and
+/// the saved bytes as hex.
+pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut Parts<B>) -> Result<Outcome, HookError> {
+    if !TRAIN_GIVEN || !ADAPTER_GIVEN || FT_STEPS == 0 {
+        return Ok(Outcome::Skipped("no training data, initial adapter or steps embedded"));
+    }
+    if TRAIN_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(HookError::Failed("fine-tuning buffers already taken"));
+    }
+    // SAFETY: the flag above hands the buffers out once.
+    let bufs = unsafe { &mut *addr_of_mut!(TRAIN) };
+    let (per, classes) = classifier_shape(model)?;
+    let train_set = Samples::new(&TRAIN_DATA.0, &TRAIN_LABELS.0, per)?;
+    let test = test_samples(model)?;
+    let mut session = Session::with_kernels(model, arena, Kernels::reference()).map_err(HookError::Run)?;
+
+    let mut adapter = Adapter::load(&INITIAL_ADAPTER.0, model, &mut bufs.values, &mut bufs.workspace).map_err(HookError::Adapter)?;
+    if let Some(t) = &test {
+        let hits = t.hits(&mut session, Some(&mut adapter))?;
+        let (p, f) = percent(hits, t.len());
+        let _ = writeln!(parts.log, "fine-tune: start accuracy {hits}/{} ({p}.{f:02}%)", t.len());
+    }
+    let mut lora = [(0usize, 0usize); MAX_LORA_ENTRIES];
+    let mut n_lora = 0;
+    for e in adapter.entries().iter().filter(|e| matches!(e.kind, EntryKind::LoraA | EntryKind::LoraB)) {
+        let slot = lora.get_mut(n_lora).ok_or(HookError::Failed("more LoRA entries than the firmware's MAX_LORA_ENTRIES"))?;
+        *slot = (e.range().start, e.range().end);
+        n_lora += 1;
+    }
+    let decay = |i: usize| lora[..n_lora].iter().any(|&(a, b)| (a..b).contains(&i));
+    let cfg = ZoConfig { seed: FT_SEED, lr: FT_LR, eps: FT_EPS, weight_decay: FT_WD, clip: FT_CLIP, ..ZoConfig::default() };
+    let _ = writeln!(
+        parts.log,
+        "fine-tune: {} values, {FT_STEPS} steps of {FT_BATCH} samples from {} (2 forward passes each), lr {FT_LR}, eps {FT_EPS}, seed {FT_SEED}",
+        adapter.values().len(),
+        train_set.len()
+    );
+    let mut sampler = Sampler::new(train_set.len(), FT_SEED);
+    let mut idx = [0usize; FT_BATCH];
+    let (mut skipped, mut first_loss, mut last_loss) = (0u32, 0.0f32, 0.0f32);
+    let start = parts.counter.now();
+    for step in 0..FT_STEPS {
+        for i in idx.iter_mut() {
+            *i = sampler.next_index();
+        }
+        let mut failure = None;
+        let rec = train::zo_step(&mut adapter, &cfg, step, &decay, |ad| {
+            let mut total = 0.0f32;
+            for &i in &idx {
+                let out = train_set.load(&mut session, i).and_then(|()| session.run_with(Some(ad)).map_err(HookError::Run)).and_then(|()| session.output::<f32>(0).map_err(HookError::Run));
+                match out {
+                    Ok(out) => total += train::cross_entropy(out, classes, [train_set.labels[i] as usize]),
+                    Err(e) => {
+                        failure = Some(e);
+                        return f32::NAN;
+                    }
+                }
+            }
+            total / FT_BATCH as f32
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        skipped += rec.skipped as u32;
+        if step == 0 {
+            first_loss = rec.loss;
+        }
+        last_loss = rec.loss;
+        if (step + 1) % 100 == 0 || step + 1 == FT_STEPS {
+            let _ = writeln!(parts.log, "fine-tune: step {} loss {last_loss:.4}", step + 1);
+        }
+    }
+    let us = parts.counter.elapsed_micros(start);
+    let _ = writeln!(
+        parts.log,
+        "fine-tune: {FT_STEPS} steps in {} ms ({} us per step, {} us per forward pass); loss {first_loss:.4} -> {last_loss:.4}; skipped {skipped}",
+        us / 1000,
+        us / FT_STEPS as u64,
+        us / (FT_STEPS as u64 * 2 * FT_BATCH as u64)
+    );
+
+    // Save to the A/B store, then forget everything and reload from it.
+    let saved_len = adapter.save(model, &mut bufs.file.0).map_err(HookError::Adapter)?.len();
+    drop(adapter);
+    let sector = <B::Storage as NorFlash>::ERASE_SIZE as u32;
+    let slot = (parts.storage.capacity() as u32 / 2) / sector * sector;
+    let mut store = FlashStore::new(&mut parts.storage, 0, slot).map_err(HookError::Store)?;
+    let saved = store.save(&bufs.file.0[..saved_len]).map_err(HookError::Store)?;
+    bufs.file.0.fill(0);
+    bufs.values.fill(0.0);
+    let loaded = store.load(&mut bufs.file.0).map_err(HookError::Store)?.ok_or(HookError::Failed("adapter store empty after a save"))?;
+    let _ = writeln!(parts.log, "fine-tune: saved {saved_len} B adapter to slot {} (generation {}); reloaded {} B from slot {}", saved.slot, saved.generation, loaded.len, loaded.slot);
+    let file = &bufs.file.0[..loaded.len];
+    let mut adapter = Adapter::load(file, model, &mut bufs.values, &mut bufs.workspace).map_err(HookError::Adapter)?;
+    if let Some(t) = &test {
+        let hits = t.hits(&mut session, Some(&mut adapter))?;
+        let (p, f) = percent(hits, t.len());
+        let _ = writeln!(parts.log, "fine-tune: accuracy after {hits}/{} ({p}.{f:02}%), reloaded adapter", t.len());
+    }
+    for line in file.chunks(32) {
+        let _ = write!(parts.log, "adapter-hex: ");
+        for b in line {
+            let _ = write!(parts.log, "{b:02x}");
+        }
+        let _ = writeln!(parts.log);
+    }
+    Ok(Outcome::Done)
 }

@@ -117,12 +117,12 @@ fn run<B: Board>(parts: &mut Parts<B>) -> Result<(), hooks::HookError> {
 
     // HOOK 4: inference.
     let start = parts.counter.now();
-    let outcome = hooks::run_inference(&model, arena, data, parts)?;
+    let outcome = hooks::run_inference(&model, arena, parts)?;
     report(parts, "inference", outcome, start);
 
     // HOOK 5: fine-tuning.
     let start = parts.counter.now();
-    let outcome = hooks::fine_tune(&model, arena, data, parts)?;
+    let outcome = hooks::fine_tune(&model, arena, parts)?;
     report(parts, "fine-tune", outcome, start);
     Ok(())
 }
