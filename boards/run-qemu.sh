@@ -3,9 +3,11 @@
 # its output; exits with the firmware's own exit status (0 = every check passed), 124 when QEMU
 # did not finish within the timeout, or 2 for a usage/build error.
 #
-# usage: boards/run-qemu.sh [--profile release|speed|dev] [--timeout SECONDS] [--icount SHIFT]
-#                           [--no-run] [-- EXTRA_QEMU_ARGS...]
+# usage: boards/run-qemu.sh [--board mps2-an386|stm32f407] [--profile release|speed|dev]
+#                           [--timeout SECONDS] [--icount SHIFT] [--no-run] [-- EXTRA_QEMU_ARGS...]
 #
+#   --board     mps2-an386 (default, runs under QEMU) or stm32f407 (a real MCU: build only, the
+#               ELF is for probe-rs; its path is printed)
 #   --profile   release: opt-level "s" (default); speed: opt-level 3; dev: opt-level 1, debug asserts
 #   --timeout   seconds before QEMU is stopped (default 60, or $QEMU_TIMEOUT)
 #   --icount    run QEMU with -icount shift=SHIFT: virtual time advances 2^SHIFT ns per
@@ -26,6 +28,7 @@ BIN=edgetune-mps2-an386
 TARGET=thumbv7em-none-eabihf
 TARGET_DIR=$ROOT/target/cross
 
+BOARD=mps2-an386
 PROFILE=release
 TIMEOUT=${QEMU_TIMEOUT:-60}
 ICOUNT=
@@ -37,6 +40,7 @@ die() { echo "run-qemu: error: $*" >&2; exit 2; }
 
 while (($#)); do
     case $1 in
+        --board) BOARD=${2:?--board needs a value}; shift 2 ;;
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
         --timeout) TIMEOUT=${2:?--timeout needs a value}; shift 2 ;;
         --icount) ICOUNT=${2:?--icount needs a value}; shift 2 ;;
@@ -50,6 +54,12 @@ case $PROFILE in
     release|speed) PROFILE_DIR=$PROFILE ;;
     dev) PROFILE_DIR=debug ;;
     *) die "--profile must be release, speed or dev (got '$PROFILE')" ;;
+esac
+FEATURES=()
+case $BOARD in
+    mps2-an386) ;;
+    stm32f407) FEATURES=(--features stm32f407); RUN=0; TARGET_DIR=$ROOT/target/cross-stm32f407 ;;
+    *) die "--board must be mps2-an386 or stm32f407 (got '$BOARD')" ;;
 esac
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds"
 [[ -z $ICOUNT || $ICOUNT =~ ^[0-9]+$ ]] || die "--icount must be a whole number"
@@ -73,9 +83,9 @@ export RUSTC_BOOTSTRAP=1
 unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_TARGET
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
-echo "run-qemu: building $BIN (profile $PROFILE) with $("$RUSTC" --version)"
+echo "run-qemu: building $BIN for $BOARD (profile $PROFILE) with $("$RUSTC" --version)"
 (cd "$FW_DIR" && "$CARGO" build -Zbuild-std=core --profile "$PROFILE" --target "$TARGET" \
-    --target-dir "$TARGET_DIR") || die "build failed"
+    --target-dir "$TARGET_DIR" "${FEATURES[@]}") || die "build failed"
 ELF=$TARGET_DIR/$TARGET/$PROFILE_DIR/$BIN
 [[ -f $ELF ]] || die "build produced no $ELF"
 

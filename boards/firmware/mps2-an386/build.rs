@@ -1,6 +1,6 @@
 //! Build-time configuration of the firmware image.
 //!
-//! - Puts `memory.x` where cortex-m-rt's `link.x` finds it.
+//! - Puts the board's memory map (`memory-<board>.x`) where cortex-m-rt's `link.x` finds it, as `memory.x`.
 //! - Generates `$OUT_DIR/config.rs` (included by `src/hooks.rs`) from environment variables:
 //!
 //! | variable               | default                   | meaning                                        |
@@ -36,9 +36,12 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
 
-    fs::copy(manifest.join("memory.x"), out.join("memory.x")).expect("copy memory.x to OUT_DIR");
+    // One memory map per board (cortex-m-rt's link.x includes `memory.x`).
+    let stm32f407 = env::var_os("CARGO_FEATURE_STM32F407").is_some();
+    let memory = if stm32f407 { "memory-stm32f407.x" } else { "memory-mps2-an386.x" };
+    fs::copy(manifest.join(memory), out.join("memory.x")).expect("copy the memory map to OUT_DIR");
     println!("cargo:rustc-link-search={}", out.display());
-    println!("cargo:rerun-if-changed=memory.x");
+    println!("cargo:rerun-if-changed={memory}");
 
     let (model, model_given) = input_file(&manifest, MODEL_VAR, "data/placeholder.etm");
     let (data, data_given) = input_file(&manifest, TEST_DATA_VAR, "data/placeholder.bin");
@@ -61,10 +64,11 @@ fn main() {
             "{ARENA_IN_VAR}={other:?}: expected `ram` or `psram`"
         )),
     }
-    let arena_limit = if arena_in == "psram" {
-        16 << 20
-    } else {
-        (4 << 20) - (64 << 10)
+    let arena_limit = match (stm32f407, arena_in.as_str()) {
+        (true, "psram") => fail(&format!("{ARENA_IN_VAR}=psram: the stm32f407 has no PSRAM")),
+        (true, _) => 128 << 10,
+        (false, "psram") => 16 << 20,
+        (false, _) => (4 << 20) - (64 << 10),
     };
     if arena > arena_limit {
         fail(&format!(

@@ -85,15 +85,27 @@ pub struct BoardSpec {
     pub flash: u64,
     /// RAM for statics (arena, fine-tuning buffers), bytes; the stack has its own region.
     pub ram: u64,
+    /// Whether edgetune runs it (under QEMU) or only builds the ELF for a flasher.
+    pub emulated: bool,
 }
 
 /// The boards `--board` accepts.
-pub const BOARDS: &[BoardSpec] = &[BoardSpec {
-    name: "qemu-mps2-an386",
-    // memory.x: FLASH is SSRAM1 less the 64 KiB adapter store; RAM is SSRAM2&3 less the stack.
-    flash: (4 << 20) - (64 << 10),
-    ram: (4 << 20) - (64 << 10),
-}];
+pub const BOARDS: &[BoardSpec] = &[
+    BoardSpec {
+        name: "qemu-mps2-an386",
+        // memory-mps2-an386.x: SSRAM1 less the 64 KiB adapter store; SSRAM2&3 less the stack.
+        flash: (4 << 20) - (64 << 10),
+        ram: (4 << 20) - (64 << 10),
+        emulated: true,
+    },
+    BoardSpec {
+        name: "stm32f407",
+        // memory-stm32f407.x: flash sectors 0-9 (10-11 hold adapters); SRAM1+2 (CCM: stack).
+        flash: 768 << 10,
+        ram: 128 << 10,
+        emulated: false,
+    },
+];
 
 /// Flash kept for the runtime and firmware code in the estimate made before building; the
 /// image's real size is checked again after the build.
@@ -246,6 +258,10 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         .ok_or_else(|| anyhow!("--board {}: edgetune builds for {}", a.board, BOARDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")))?;
     let bytes = AlignedBytes::read(&a.model)?;
     let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
+    let (flash, ram) = (a.flash_budget.unwrap_or(board.flash), a.ram_budget.unwrap_or(board.ram));
+    // The model alone first: a model that cannot fit is told so before anything else.
+    let arena = model.arena_bytes().div_ceil(64) * 64;
+    Budget { model: bytes.as_bytes().len() as u64, data: 0, arena, trainer: 0 }.check(board.name, flash, ram)?;
     let (Some(input), Some(_)) = (model.input(0), model.output(0)) else { bail!("{}: the firmware needs a model with an input and an output", a.model.display()) };
     if model.inputs().count() != 1 {
         bail!("{}: the firmware feeds one input, this model has {}", a.model.display(), model.inputs().count());
@@ -269,7 +285,7 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         Ok(p.display().to_string())
     };
 
-    let mut budget = Budget { model: bytes.as_bytes().len() as u64, data: 0, arena: model.arena_bytes().div_ceil(64) * 64, trainer: 0 };
+    let mut budget = Budget { model: bytes.as_bytes().len() as u64, data: 0, arena, trainer: 0 };
     let mut test = None;
     if let Some(spec) = &a.data {
         let Some(lp) = &a.labels else { bail!("--data needs --labels") };
@@ -303,7 +319,6 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     env.push(("EDGETUNE_ARENA_BYTES", budget.arena.max(64).to_string()));
 
     // Before anything is built: does it fit?
-    let (flash, ram) = (a.flash_budget.unwrap_or(board.flash), a.ram_budget.unwrap_or(board.ram));
     budget.check(board.name, flash, ram)?;
     println!(
         "flash: {} fits: flash {} B of {flash} B (model {} B, data {} B, {} B kept for code), static RAM {} B of {ram} B (arena {} B, fine-tuning {} B)",
@@ -323,8 +338,9 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         bail!("{}: not found; pass --boards-dir (the boards/ folder of an edgetune checkout)", script.display());
     }
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg("--timeout").arg(a.timeout.to_string());
-    if a.build_only {
+    let firmware_board = board.name.trim_start_matches("qemu-");
+    cmd.arg(&script).arg("--board").arg(firmware_board).arg("--timeout").arg(a.timeout.to_string());
+    if a.build_only || !board.emulated {
         cmd.arg("--no-run");
     }
     for (k, v) in &env {
@@ -332,14 +348,16 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     }
     let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("running {}", script.display()))?;
     let mut printed = Printed::default();
-    let mut static_ram = None;
+    let (mut static_ram, mut image_flash) = (None, None);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         if !line.starts_with("adapter-hex: ") {
             println!("{line}");
         }
-        if let Some(r) = line.split("static RAM ").nth(1).and_then(|r| r.split(' ').next()).and_then(|r| r.parse::<u64>().ok()) {
-            static_ram.get_or_insert(r);
+        let number_after = |key: &str| line.split(key).nth(1).and_then(|r| r.split(' ').next()).and_then(|r| r.parse::<u64>().ok());
+        if line.starts_with("run-qemu: flash ") {
+            image_flash = number_after("run-qemu: flash ");
+            static_ram = number_after("static RAM ");
         }
         parse_line(&line, &mut printed)?;
     }
@@ -347,10 +365,15 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     if !status.success() {
         bail!("{} failed ({status})", script.display());
     }
-    if let Some(r) = static_ram {
-        if r > ram {
-            bail!("the built image's static RAM is {r} B, over the {ram} B budget by {} B", r - ram);
-        }
+    if let Some(r) = static_ram.filter(|&r| r > ram) {
+        bail!("the built image's static RAM is {r} B, over the {ram} B budget by {} B", r - ram);
+    }
+    if let Some(f) = image_flash.filter(|&f| f > flash) {
+        bail!("the built image takes {f} B of flash, over the {flash} B budget by {} B", f - flash);
+    }
+    if !board.emulated {
+        println!("flash: built for {}; flash it with `probe-rs run --chip STM32F407VGTx <the ELF above>`, its log is on USART2 (PA2, 115200 8N1)", board.name);
+        return Ok(());
     }
     if a.build_only {
         return Ok(());

@@ -18,44 +18,28 @@
 use core::fmt;
 use core::mem::MaybeUninit;
 use core::ptr::addr_of_mut;
-use core::sync::atomic::{AtomicU32, Ordering};
 
 use cortex_m::peripheral::scb::Exception;
-use cortex_m::peripheral::syst::SystClkSource;
-use cortex_m::peripheral::{MPU, SCB, SYST};
-use cortex_m_rt::exception;
-use edgetune_boards::{Board, MonotonicCounter, Parts, RamNorFlash};
-use embedded_hal::delay::DelayNs;
+use cortex_m::peripheral::{MPU, SCB};
+use edgetune_boards::{Board, Parts, RamNorFlash};
+
+use crate::status;
+pub use crate::systick::{SysTickCounter, SysTickDelay};
 
 /// Core clock (QEMU's SYSCLK for the MPS2 machines).
 pub const CORE_CLOCK_HZ: u32 = 25_000_000;
 
-/// Size of the adapter store; must match the ADAPTER region in memory.x.
+/// Size of the adapter store; must match the ADAPTER region in memory-mps2-an386.x.
 pub const ADAPTER_STORE_BYTES: usize = 64 * 1024;
 
 /// The adapter store: NOR-like, programmed in 4-byte words, erased in 4 KiB sectors.
 pub type AdapterStore = RamNorFlash<ADAPTER_STORE_BYTES, 4, 4096>;
 
-/// Process exit statuses, as seen by the runner (QEMU's exit status).
-pub mod status {
-    /// Every check passed.
-    pub const OK: i32 = 0;
-    /// A hook or a self-test reported an error.
-    pub const FAILED: i32 = 1;
-    /// HardFault.
-    pub const HARD_FAULT: i32 = 2;
-    /// MemManage fault; a stack overflow into the guard region ends here.
-    pub const MEM_MANAGE: i32 = 3;
-    /// BusFault.
-    pub const BUS_FAULT: i32 = 4;
-    /// UsageFault (undefined instruction, unaligned access, division by zero...).
-    pub const USAGE_FAULT: i32 = 5;
-    /// A Rust panic.
-    pub const PANIC: i32 = 101;
-}
-
 #[link_section = ".adapter_store"]
 static mut ADAPTER_STORE: MaybeUninit<AdapterStore> = MaybeUninit::uninit();
+
+/// The board this image is built for.
+pub type ThisBoard = Mps2An386;
 
 /// The board. Owns the core peripherals; there is at most one.
 pub struct Mps2An386 {
@@ -72,7 +56,7 @@ impl Mps2An386 {
         p.SCB.enable(Exception::BusFault);
         p.SCB.enable(Exception::UsageFault);
         install_stack_guard(&mut p.MPU);
-        start_systick(&mut p.SYST);
+        crate::systick::start(&mut p.SYST);
         Some(Mps2An386 { _private: () })
     }
 }
@@ -90,10 +74,8 @@ impl Board for Mps2An386 {
         let storage = unsafe { RamNorFlash::init_erased(&mut *addr_of_mut!(ADAPTER_STORE)) };
         Parts {
             log: Uart0 { _private: () },
-            delay: SysTickDelay {
-                counter: SysTickCounter { _private: () },
-            },
-            counter: SysTickCounter { _private: () },
+            delay: SysTickDelay::new(CORE_CLOCK_HZ),
+            counter: SysTickCounter::new(CORE_CLOCK_HZ),
             storage,
         }
     }
@@ -148,82 +130,6 @@ impl fmt::Write for Uart0 {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         s.bytes().for_each(|b| self.write_byte(b));
         Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// SysTick counter and delay
-
-const SYST_RELOAD: u32 = 0x00FF_FFFF;
-const SYST_PERIOD: u64 = SYST_RELOAD as u64 + 1;
-
-/// SysTick wraps counted by the SysTick exception.
-static SYST_WRAPS: AtomicU32 = AtomicU32::new(0);
-
-fn start_systick(syst: &mut SYST) {
-    syst.set_clock_source(SystClkSource::Core);
-    syst.set_reload(SYST_RELOAD);
-    syst.clear_current();
-    syst.enable_counter();
-    // VAL reads 0 until the counter has loaded RELOAD (in QEMU this can take milliseconds);
-    // starting the count before that would make the first readings jump back by a period.
-    let mut spins = 0u32;
-    while SYST::get_current() == 0 && spins < 10_000_000 {
-        spins += 1;
-    }
-    SCB::clear_pendst();
-    SYST_WRAPS.store(0, Ordering::Release);
-    syst.enable_interrupt();
-}
-
-#[exception]
-fn SysTick() {
-    SYST_WRAPS.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Core-clock ticks since boot: SysTick's 24-bit down-counter, extended by its wrap interrupt.
-///
-/// Correct with interrupts enabled, and inside a critical section shorter than one SysTick
-/// period (0.67 s at 25 MHz): a wrap whose interrupt is still pending is counted.
-pub struct SysTickCounter {
-    _private: (),
-}
-
-impl MonotonicCounter for SysTickCounter {
-    fn frequency_hz(&self) -> u32 {
-        CORE_CLOCK_HZ
-    }
-
-    fn now(&mut self) -> u64 {
-        loop {
-            let wraps = SYST_WRAPS.load(Ordering::Acquire);
-            let pending = SCB::is_pendst_pending();
-            let current = SYST::get_current();
-            // Retry if a wrap happened between the reads: it shows as a change of the pending
-            // bit, or, if the SysTick handler ran meanwhile (clearing the bit), of the count.
-            // Pending must be re-read before the count, or a handler that runs between the two
-            // re-reads would go unnoticed.
-            if SCB::is_pendst_pending() != pending || SYST_WRAPS.load(Ordering::Acquire) != wraps {
-                continue;
-            }
-            let wraps = u64::from(wraps) + u64::from(pending);
-            return wraps * SYST_PERIOD + u64::from(SYST_RELOAD - current);
-        }
-    }
-}
-
-/// Busy-wait delay on [`SysTickCounter`].
-pub struct SysTickDelay {
-    counter: SysTickCounter,
-}
-
-impl DelayNs for SysTickDelay {
-    fn delay_ns(&mut self, ns: u32) {
-        let ticks = (u64::from(ns) * u64::from(CORE_CLOCK_HZ)).div_ceil(1_000_000_000);
-        let start = self.counter.now();
-        while self.counter.now() - start < ticks {
-            core::hint::spin_loop();
-        }
     }
 }
 
@@ -372,4 +278,9 @@ extern "C" fn edgetune_fault(code: u32, frame_sp: u32) -> ! {
     }
     let _ = writeln!(log, "\n!! exit status {code}");
     exit(code as i32)
+}
+
+/// The log for panic and fault handlers.
+pub fn panic_log() -> Uart0 {
+    Uart0::steal()
 }

@@ -70,7 +70,7 @@ pub struct Footprint {
     pub bss: usize,
     /// Uninitialised statics (the arena, unless it is in PSRAM).
     pub uninit: usize,
-    /// Adapter store at the top of SSRAM1.
+    /// Adapter store (the board's NOR flash region).
     pub adapter_store: usize,
     /// PSRAM buffers.
     pub psram: usize,
@@ -163,7 +163,7 @@ impl fmt::Display for Footprint {
         )?;
         writeln!(
             f,
-            "  adapter store {:>8} B  (NOR stand-in at {:#010x}, top of SSRAM1)",
+            "  adapter store {:>8} B  (at {:#010x})",
             self.adapter_store,
             sym!(__sadapter)
         )?;

@@ -2,38 +2,58 @@
 //!
 //! Boots, checks the board's parts, runs the hook points in `hooks.rs` (model, test data, arena,
 //! inference, fine-tuning), prints the image's footprint and exits QEMU with a status:
-//! 0 when everything passed (see `board::status` for the others).
+//! 0 when everything passed (see `status` for the others).
 #![no_std]
 #![no_main]
 
+// One module per board; a new board is a new module with the same items.
+#[cfg_attr(feature = "stm32f407", path = "board_stm32f407.rs")]
 mod board;
 mod footprint;
 mod hooks;
+mod systick;
+
+/// Exit statuses, as a runner sees them (QEMU's exit status).
+pub mod status {
+    /// Every check passed.
+    pub const OK: i32 = 0;
+    /// A hook or a self-test reported an error.
+    pub const FAILED: i32 = 1;
+    /// HardFault.
+    pub const HARD_FAULT: i32 = 2;
+    /// MemManage fault; a stack overflow into the guard region ends here.
+    pub const MEM_MANAGE: i32 = 3;
+    /// BusFault.
+    pub const BUS_FAULT: i32 = 4;
+    /// UsageFault (undefined instruction, unaligned access, division by zero...).
+    pub const USAGE_FAULT: i32 = 5;
+    /// A Rust panic.
+    pub const PANIC: i32 = 101;
+}
 
 use core::fmt::Write;
 use core::panic::PanicInfo;
 
-use board::Mps2An386;
 use edgetune_boards::{Board, MonotonicCounter, Parts};
 use embedded_hal::delay::DelayNs;
 use embedded_storage::nor_flash::{NorFlash, NorFlashError, ReadNorFlash};
 
 #[cortex_m_rt::entry]
 fn main() -> ! {
-    let Some(board) = Mps2An386::take() else {
-        board::exit(board::status::FAILED)
+    let Some(board) = board::ThisBoard::take() else {
+        board::exit(status::FAILED)
     };
     let mut parts = board.split();
-    let status = match run(&mut parts) {
-        Ok(()) => board::status::OK,
+    let code = match run(&mut parts) {
+        Ok(()) => status::OK,
         Err(e) => {
             let _ = writeln!(parts.log, "FAILED: {e}");
-            board::status::FAILED
+            status::FAILED
         }
     };
     let _ = writeln!(parts.log, "{}", footprint::Footprint::measure());
-    let _ = writeln!(parts.log, "exit status {status}");
-    board::exit(status)
+    let _ = writeln!(parts.log, "exit status {code}");
+    board::exit(code)
 }
 
 /// The firmware proper, generic over the board.
@@ -235,7 +255,7 @@ fn recurse(n: u32) -> u32 {
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    let mut log = board::Uart0::steal();
+    let mut log = board::panic_log();
     let _ = writeln!(log, "\n!! panic: {info}");
-    board::exit(board::status::PANIC)
+    board::exit(status::PANIC)
 }
