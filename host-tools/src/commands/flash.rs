@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser};
 use edgetune_runtime::Model;
 
-use super::finetune::{self, FinetuneArgs};
+use super::finetune;
 use super::{eval, Cli};
 use crate::model_file::AlignedBytes;
 use crate::npy::{self, Array, ArrayData};
@@ -417,6 +417,8 @@ fn seed_of(flags: &[String]) -> u64 {
 /// `edgetune finetune` on the host with the scalar reference kernels, on the embedded subset.
 #[allow(clippy::too_many_arguments)]
 fn host_reference_run(path: &Path, model: &Model<'_>, x: &Array, y: &[u8], flags: &[String], trainable: &str, lora_targets: &str, work: &Path) -> Result<Vec<u8>> {
+    // Parsed as `edgetune finetune` would parse them, so the host run gets exactly its defaults;
+    // the data are the embedded subset in memory, so the file arguments are never read.
     let out = work.join("host.eta");
     let mut argv: Vec<String> = ["edgetune", "finetune"].map(String::from).to_vec();
     argv.push(path.display().to_string());
@@ -424,8 +426,7 @@ fn host_reference_run(path: &Path, model: &Model<'_>, x: &Array, y: &[u8], flags
     argv.extend(["--trainable".into(), trainable.into(), "--lora-targets".into(), lora_targets.into(), "-o".into(), out.display().to_string()]);
     argv.extend(flags.iter().cloned());
     let cli = Cli::try_parse_from(argv)?;
-    let super::Command::Finetune(fa) = cli.command else { unreachable!("parsed a finetune command") };
-    let fa: FinetuneArgs = fa;
+    let super::Command::Finetune(fa) = cli.command else { bail!("internal: not a finetune command") };
     let (entries, values) = finetune::build_entries(model, &fa.trainable, &fa.lora_targets, fa.seed)?;
     let mut host = HostAdapter::new(model, entries, values);
     let cfg = finetune::zo_config(&fa);
