@@ -23,8 +23,8 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 cd "$ROOT"
 "$CARGO" build -Zbuild-std=std,panic_abort --target aarch64-unknown-linux-gnu \
-    --target-dir "$ROOT/target/cross" -p edgetune-cli --bin edgetune "$@"
-ET=(qemu-aarch64 -L /usr/aarch64-linux-gnu "$ROOT/target/cross/aarch64-unknown-linux-gnu/debug/edgetune")
+    --target-dir "$ROOT/target/cross" --profile cross-smoke -p edgetune-cli --bin edgetune "$@"
+ET=(qemu-aarch64 -L /usr/aarch64-linux-gnu "$ROOT/target/cross/aarch64-unknown-linux-gnu/cross-smoke/edgetune")
 OUT=target/cli-aarch64
 D=tests/fixtures/digits
 mkdir -p "$OUT"
