@@ -178,3 +178,23 @@ fn recipes_that_cannot_apply_say_so() {
     assert!(first.note.as_deref().unwrap_or("").contains("kept int8"), "{first:?}");
     assert!(reports[1..].iter().all(|r| r.method.contains("sparse")), "{reports:?}");
 }
+
+#[test]
+fn a_recipe_files_keep_ends_holds_unless_the_flag_overrides_it() {
+    let onnx = digits("cnn.onnx");
+    let recipe = tmp("same.toml");
+    std::fs::write(&recipe, "keep_ends = \"same\"\n[[rule]]\nmatch = \"*\"\nternary = 64\n").unwrap();
+    let first_weight = |flags: &[&str]| {
+        let out = tmp("cnn-keep.etm");
+        edgetune_compress(&onnx, &out, &[&["--input", "x=1x1x8x8", "--recipe", recipe.to_str().unwrap()], flags].concat()).unwrap();
+        let bytes = AlignedBytes::read(&out).unwrap();
+        let model = Model::from_bytes(bytes.as_bytes()).unwrap();
+        let w = model.tensor(model.op(0).input(1));
+        (w.meta.encoding, w.len)
+    };
+    // The file says "same": the first layer (16×9) is ternary like the rest, 2 bits a weight.
+    let (same, int8) = (first_weight(&[]), first_weight(&["--keep-ends", "int8"]));
+    assert_eq!(same.0, Encoding::QBlock);
+    // The flag wins over the file: the first layer is kept at int8, 8 bits a weight.
+    assert!(int8.1 > 2 * same.1, "first layer {} bytes with the file's setting, {} with --keep-ends int8", same.1, int8.1);
+}

@@ -76,9 +76,10 @@ pub struct CompressArgs {
     /// products, faster at batch 1, slightly less accurate. Default: f32 activations.
     #[arg(long)]
     pub int8_activations: bool,
-    /// First and last layer: int8 (default), f32, or same (no exception).
-    #[arg(long, default_value = "int8")]
-    pub keep_ends: String,
+    /// First and last layer: int8 (default, or the recipe file's `keep_ends`), f32, or same (no
+    /// exception).
+    #[arg(long)]
+    pub keep_ends: Option<String>,
     /// Seed for k-means.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -194,11 +195,13 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
     if a.int8_activations {
         r.int8_activations = true;
     }
-    r.keep_ends = match a.keep_ends.as_str() {
-        "int8" => KeepEnds::Int8,
-        "f32" => KeepEnds::F32,
-        "same" => KeepEnds::Same,
-        o => bail!("--keep-ends {o}: int8, f32 or same"),
+    // The flag overrides the recipe file, which overrides the default (int8).
+    r.keep_ends = match a.keep_ends.as_deref() {
+        None => r.keep_ends,
+        Some("int8") => KeepEnds::Int8,
+        Some("f32") => KeepEnds::F32,
+        Some("same") => KeepEnds::Same,
+        Some(o) => bail!("--keep-ends {o}: int8, f32 or same"),
     };
     r.seed = a.seed;
     Ok(r)

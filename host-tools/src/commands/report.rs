@@ -109,7 +109,7 @@ pub fn run(a: &ReportArgs) -> Result<()> {
     // Reference outputs of the f32 model, for cosine quality without labels.
     let (bs, n) = batches(&base.inputs(), &data)?;
     let reference = collect(&bs, n, |b| base.run(b))?;
-    let base_args = CompressArgs { model: a.model.clone(), quiet: true, keep_ends: "int8".into(), group: "row".into(), pattern: "2:4".into(), lowrank_kind: "svd".into(), ..Default::default() };
+    let base_args = CompressArgs { model: a.model.clone(), quiet: true, group: "row".into(), pattern: "2:4".into(), lowrank_kind: "svd".into(), ..Default::default() };
     let mut named: Vec<(String, Option<crate::compress::Recipe>)> = Vec::new();
     for r in &a.recipes {
         if r == "f32" {
