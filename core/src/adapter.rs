@@ -159,7 +159,12 @@ impl Entry {
 
 /// The shape an entry of `kind` on op `op_index` must have, or an error saying why the kind does
 /// not apply there.
-pub fn expected_shape(model: &Model<'_>, kind: EntryKind, op_index: u32, rank: u16) -> Result<(u32, u32), &'static str> {
+pub fn expected_shape(
+    model: &Model<'_>,
+    kind: EntryKind,
+    op_index: u32,
+    rank: u16,
+) -> Result<(u32, u32), &'static str> {
     if op_index >= model.op_count() {
         return Err("op index past the model's ops");
     }
@@ -199,7 +204,11 @@ pub fn expected_shape(model: &Model<'_>, kind: EntryKind, op_index: u32, rank: u
                 return Err("LoRA rank is zero");
             }
             let (n, k) = nk();
-            Ok(if kind == EntryKind::LoraA { (rank as u32, k) } else { (n, rank as u32) })
+            Ok(if kind == EntryKind::LoraA {
+                (rank as u32, k)
+            } else {
+                (n, rank as u32)
+            })
         }
         EntryKind::Head => match op.op {
             Op::Dense(_) => Ok(nk()),
@@ -220,56 +229,105 @@ impl<'a> AdapterView<'a> {
     /// Parses an adapter and checks it against `model`: magic, version, checksum, that it was made
     /// for this model, and that every entry fits its op.
     pub fn from_bytes(bytes: &'a [u8], model: &Model<'_>) -> Result<AdapterView<'a>, FormatError> {
-        let (h, rest) = AdapterHeader::ref_from_prefix(bytes).map_err(|_| FormatError::Truncated {
-            place: Place::Header,
-            needed: 64,
-            available: bytes.len() as u64,
-        })?;
+        let (h, rest) =
+            AdapterHeader::ref_from_prefix(bytes).map_err(|_| FormatError::Truncated {
+                place: Place::Header,
+                needed: 64,
+                available: bytes.len() as u64,
+            })?;
         if h.magic != ADAPTER_MAGIC {
             return Err(FormatError::BadMagic);
         }
         if h.version.get() != ADAPTER_VERSION {
-            return Err(FormatError::UnsupportedVersion { major: h.version.get(), minor: 0 });
+            return Err(FormatError::UnsupportedVersion {
+                major: h.version.get(),
+                minor: 0,
+            });
         }
         let n = h.entry_count.get() as u64;
         let values_at = (64 + n * 32).div_ceil(16) * 16;
         let need = values_at + h.value_count.get() as u64 * 4;
         if need > bytes.len() as u64 {
-            return Err(FormatError::Truncated { place: Place::Header, needed: need, available: bytes.len() as u64 });
+            return Err(FormatError::Truncated {
+                place: Place::Header,
+                needed: need,
+                available: bytes.len() as u64,
+            });
         }
         let body = &bytes[64..need as usize];
         let computed = crc32fast::hash(body);
         if computed != h.crc32.get() {
-            return Err(FormatError::Checksum { stored: h.crc32.get(), computed });
+            return Err(FormatError::Checksum {
+                stored: h.crc32.get(),
+                computed,
+            });
         }
         if h.model_crc.get() != model.checksum() || h.model_len.get() != model.file_len() {
-            return Err(FormatError::BadAttribute { place: Place::Header, what: "adapter was made for another model" });
+            return Err(FormatError::BadAttribute {
+                place: Place::Header,
+                what: "adapter was made for another model",
+            });
         }
-        let entries = <[EntryRecord]>::ref_from_bytes(&rest[..(n * 32) as usize])
-            .map_err(|_| FormatError::Truncated { place: Place::Header, needed: n * 32, available: rest.len() as u64 })?;
-        let view = AdapterView { entries, values: &bytes[values_at as usize..need as usize] };
+        let entries =
+            <[EntryRecord]>::ref_from_bytes(&rest[..(n * 32) as usize]).map_err(|_| {
+                FormatError::Truncated {
+                    place: Place::Header,
+                    needed: n * 32,
+                    available: rest.len() as u64,
+                }
+            })?;
+        let view = AdapterView {
+            entries,
+            values: &bytes[values_at as usize..need as usize],
+        };
         for i in 0..entries.len() {
             let place = Place::Meta(i as u32);
             let r = &entries[i];
-            let kind = EntryKind::from_code(r.kind).ok_or(FormatError::UnknownCode { place, field: "adapter entry", value: r.kind as u32 })?;
-            let (rows, cols) = expected_shape(model, kind, r.op.get(), r.rank.get()).map_err(|what| FormatError::BadAttribute { place, what })?;
+            let kind = EntryKind::from_code(r.kind).ok_or(FormatError::UnknownCode {
+                place,
+                field: "adapter entry",
+                value: r.kind as u32,
+            })?;
+            let (rows, cols) = expected_shape(model, kind, r.op.get(), r.rank.get())
+                .map_err(|what| FormatError::BadAttribute { place, what })?;
             let (off, len) = (r.offset.get() as u64, r.len.get() as u64);
             if r.rows.get() != rows || r.cols.get() != cols || len != rows as u64 * cols as u64 {
-                return Err(FormatError::BadShape { place, what: "adapter entry shape does not fit its op" });
+                return Err(FormatError::BadShape {
+                    place,
+                    what: "adapter entry shape does not fit its op",
+                });
             }
             if off + len > h.value_count.get() as u64 {
-                return Err(FormatError::OutOfBounds { place, offset: off, len, limit: h.value_count.get() as u64 });
+                return Err(FormatError::OutOfBounds {
+                    place,
+                    offset: off,
+                    len,
+                    limit: h.value_count.get() as u64,
+                });
             }
             // One entry per (kind, op).
-            if entries[..i].iter().any(|o| o.kind == r.kind && o.op.get() == r.op.get()) {
-                return Err(FormatError::BadAttribute { place, what: "two adapter entries of one kind for one op" });
+            if entries[..i]
+                .iter()
+                .any(|o| o.kind == r.kind && o.op.get() == r.op.get())
+            {
+                return Err(FormatError::BadAttribute {
+                    place,
+                    what: "two adapter entries of one kind for one op",
+                });
             }
         }
         // LoRA comes in pairs of equal rank.
         for r in entries.iter().filter(|r| r.kind == EntryKind::LoraA as u8) {
-            let pair = entries.iter().any(|o| o.kind == EntryKind::LoraB as u8 && o.op.get() == r.op.get() && o.rank.get() == r.rank.get());
+            let pair = entries.iter().any(|o| {
+                o.kind == EntryKind::LoraB as u8
+                    && o.op.get() == r.op.get()
+                    && o.rank.get() == r.rank.get()
+            });
             if !pair {
-                return Err(FormatError::BadAttribute { place: Place::Op(r.op.get()), what: "LoRA A without a matching B" });
+                return Err(FormatError::BadAttribute {
+                    place: Place::Op(r.op.get()),
+                    what: "LoRA A without a matching B",
+                });
             }
         }
         Ok(view)
@@ -314,11 +372,20 @@ impl<'a> AdapterView<'a> {
 /// Serialises an adapter (host side and devices that save one).
 ///
 /// `entries` give kind, op, shape, rank and α; their `offset`/`len` index `values`.
-pub fn write_adapter<'o>(entries: &[Entry], values: &[f32], model: &Model<'_>, out: &'o mut [u8]) -> Result<&'o [u8], FormatError> {
+pub fn write_adapter<'o>(
+    entries: &[Entry],
+    values: &[f32],
+    model: &Model<'_>,
+    out: &'o mut [u8],
+) -> Result<&'o [u8], FormatError> {
     let values_at = (64 + entries.len() * 32).div_ceil(16) * 16;
     let total = values_at + values.len() * 4;
     if out.len() < total {
-        return Err(FormatError::Truncated { place: Place::Header, needed: total as u64, available: out.len() as u64 });
+        return Err(FormatError::Truncated {
+            place: Place::Header,
+            needed: total as u64,
+            available: out.len() as u64,
+        });
     }
     let out = &mut out[..total];
     out.iter_mut().for_each(|b| *b = 0);

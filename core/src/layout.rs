@@ -142,7 +142,9 @@ impl QBlockLayout {
 
 /// The plane widths of `bits`-bit codes, largest first (8 → [8]; 7 → [4, 2, 1]).
 pub fn planes(bits: usize) -> impl Iterator<Item = usize> {
-    [8usize, 4, 2, 1].into_iter().filter(move |&p| bits & p != 0)
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .filter(move |&p| bits & p != 0)
 }
 
 /// Code of element `e` (0..32) of one block's bytes.
@@ -203,7 +205,14 @@ impl SparseLayout {
     /// The layout for `[n, k]` with parameters `[keep, m, 0, 0]`.
     pub fn new(n: usize, k: usize, params: [u32; 4]) -> Option<SparseLayout> {
         let [keep, m, z0, z1] = params.map(|p| p as usize);
-        if !(2..=16).contains(&m) || keep == 0 || keep > m || k % m != 0 || n == 0 || z0 != 0 || z1 != 0 {
+        if !(2..=16).contains(&m)
+            || keep == 0
+            || keep > m
+            || k % m != 0
+            || n == 0
+            || z0 != 0
+            || z1 != 0
+        {
             return None;
         }
         let pos_bits = (usize::BITS - (m - 1).leading_zeros()) as usize;
@@ -212,7 +221,16 @@ impl SparseLayout {
         let pos_off = align16(values);
         let pos_row_bytes = per_row.checked_mul(pos_bits)?.div_ceil(8);
         let len = pos_off.checked_add(n.checked_mul(pos_row_bytes)?)?;
-        Some(SparseLayout { n, k, keep, m, pos_bits, pos_off, pos_row_bytes, len })
+        Some(SparseLayout {
+            n,
+            k,
+            keep,
+            m,
+            pos_bits,
+            pos_off,
+            pos_row_bytes,
+            len,
+        })
     }
 
     /// Kept values per row.
@@ -257,7 +275,11 @@ mod tests {
             let mut b = [0u8; 32];
             pack_block(&codes, bits, &mut b[..4 * bits]);
             for e in 0..32 {
-                assert_eq!(block_code(&b[..4 * bits], bits, e), codes[e], "bits {bits} element {e}");
+                assert_eq!(
+                    block_code(&b[..4 * bits], bits, e),
+                    codes[e],
+                    "bits {bits} element {e}"
+                );
             }
         }
     }

@@ -427,12 +427,17 @@ impl<'a> Model<'a> {
             });
         }
         // Arena tensors carry no encoding parameters (an alias keeps its owner's id there).
-        let params = if meta.storage == Storage::Const { t.params.map(|p| p.get()) } else { [0; 4] };
-        let expect =
-            encoded_len(meta.dtype, meta.encoding, &meta.shape, params).ok_or(FormatError::BadShape {
+        let params = if meta.storage == Storage::Const {
+            t.params.map(|p| p.get())
+        } else {
+            [0; 4]
+        };
+        let expect = encoded_len(meta.dtype, meta.encoding, &meta.shape, params).ok_or(
+            FormatError::BadShape {
                 place,
                 what: "encoding does not fit dtype and shape",
-            })?;
+            },
+        )?;
         // Element and byte counts must fit this target's address space (kernels index with usize).
         if expect > isize::MAX as u64
             || meta
@@ -548,7 +553,11 @@ impl<'a> Model<'a> {
                 })
             }
         };
-        let params = if t.storage == storage::CONST { t.params.map(|p| p.get()) } else { [0; 4] };
+        let params = if t.storage == storage::CONST {
+            t.params.map(|p| p.get())
+        } else {
+            [0; 4]
+        };
         Ok(TensorMeta {
             params,
             dtype,

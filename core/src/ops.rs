@@ -865,9 +865,17 @@ pub fn scratch_bytes(op: &Op, inputs: &[TensorMeta]) -> u64 {
     match op {
         Op::Conv(c) if c.col_tile > 0 => {
             let x = &inputs[0].shape;
-            let k = prod(&[x.dims()[1] as u64 / c.groups as u64, c.kernel[0] as u64, c.kernel[1] as u64]);
+            let k = prod(&[
+                x.dims()[1] as u64 / c.groups as u64,
+                c.kernel[0] as u64,
+                c.kernel[1] as u64,
+            ]);
             let im2col = prod(&[k, c.col_tile as u64, 4]);
-            let q8 = if int8_rows(&inputs[1]) { prod(&[c.col_tile as u64, q8_row_bytes(k)]) } else { 0 };
+            let q8 = if int8_rows(&inputs[1]) {
+                prod(&[c.col_tile as u64, q8_row_bytes(k)])
+            } else {
+                0
+            };
             im2col.saturating_add(q8)
         }
         Op::Dense(_) if int8_rows(&inputs[1]) => {
@@ -878,7 +886,10 @@ pub fn scratch_bytes(op: &Op, inputs: &[TensorMeta]) -> u64 {
         }
         Op::MatMul(m) => {
             let b = &inputs[1].shape;
-            let (k, n) = (b.dims()[m.b_k as usize] as u64, b.dims()[m.b_n as usize] as u64);
+            let (k, n) = (
+                b.dims()[m.b_k as usize] as u64,
+                b.dims()[m.b_n as usize] as u64,
+            );
             prod(&[k, n.div_ceil(PANEL as u64) * PANEL as u64, 4])
         }
         _ => 0,
@@ -978,7 +989,8 @@ pub fn check(
     for (i, t) in inputs.iter().enumerate() {
         // Weights of dense layers and convolutions, and embedding tables (gathered by row).
         let weight = matches!(op, Op::Conv(_) | Op::Dense(_)) && i == 1;
-        let table = matches!(op, Op::Gather { axis: 0 }) && i == 0 && t.encoding == Encoding::QBlock;
+        let table =
+            matches!(op, Op::Gather { axis: 0 }) && i == 0 && t.encoding == Encoding::QBlock;
         need_dtype(
             place,
             t.encoding == Encoding::Plain || weight || table,
@@ -1049,7 +1061,11 @@ pub fn check(
             let pointwise = c.kernel == [1, 1] && c.stride == [1, 1] && c.pads == [0; 4];
             let dw = is_depthwise(c, &x.shape, cout);
             if dw {
-                need_dtype(place, w.encoding == Encoding::Plain, "depthwise weights are plain")?;
+                need_dtype(
+                    place,
+                    w.encoding == Encoding::Plain,
+                    "depthwise weights are plain",
+                )?;
             }
             // Plain weights run the direct kernel; panels read pointwise inputs in place; every
             // other convolution unrolls tiles of output pixels.

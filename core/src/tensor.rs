@@ -247,7 +247,12 @@ impl Shape {
 
 /// Bytes a tensor occupies in the file or arena, or `None` when the encoding does not apply to
 /// this dtype, shape and parameters, or the size overflows.
-pub fn encoded_len(dtype: DType, encoding: Encoding, shape: &Shape, params: [u32; 4]) -> Option<u64> {
+pub fn encoded_len(
+    dtype: DType,
+    encoding: Encoding,
+    shape: &Shape,
+    params: [u32; 4],
+) -> Option<u64> {
     if encoding == Encoding::Plain {
         return shape.checked_numel()?.checked_mul(dtype.size() as u64);
     }

@@ -1421,7 +1421,8 @@ fn mutated_files_never_panic() {
                         let Some(sh) = Shape::from_stored(t.rank, dims) else {
                             continue;
                         };
-                        let Some(new_len) = edgetune_core::tensor::encoded_len(dtype, enc, &sh, [0; 4])
+                        let Some(new_len) =
+                            edgetune_core::tensor::encoded_len(dtype, enc, &sh, [0; 4])
                         else {
                             continue;
                         };

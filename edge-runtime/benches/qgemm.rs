@@ -13,7 +13,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgetune_core::layout::{pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS};
+use edgetune_core::layout::{
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+};
 use edgetune_core::Activation;
 use edgetune_runtime::kernels::gemm;
 use edgetune_runtime::kernels::linear::{linear, Weights};
@@ -74,8 +76,14 @@ impl Enc {
         match self {
             Enc::Panel(p) => Weights::Panel(p),
             Enc::PanelF16(p) => Weights::PanelF16(p),
-            Enc::Q(l, b) => Weights::Quantized(QWeights { layout: *l, bytes: b }),
-            Enc::Sparse(l, b) => Weights::Sparse(SparseWeights { layout: *l, bytes: b }),
+            Enc::Q(l, b) => Weights::Quantized(QWeights {
+                layout: *l,
+                bytes: b,
+            }),
+            Enc::Sparse(l, b) => Weights::Sparse(SparseWeights {
+                layout: *l,
+                bytes: b,
+            }),
         }
     }
 }
@@ -104,10 +112,16 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
         }
     }
     for t in 0..l.tables {
-        let tab: Vec<f32> = (0..e).map(|c| f16::from_f32((s.table)(rng, c)).to_f32()).collect();
+        let tab: Vec<f32> = (0..e)
+            .map(|c| f16::from_f32((s.table)(rng, c)).to_f32())
+            .collect();
         let exact = tab.iter().all(|v| v.fract() == 0.0 && v.abs() <= 127.0);
         let amax = tab.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let sc = if exact || amax == 0.0 { 1.0 } else { amax / 127.0 };
+        let sc = if exact || amax == 0.0 {
+            1.0
+        } else {
+            amax / 127.0
+        };
         for (c, v) in tab.iter().enumerate() {
             let o = l.lut_off + (t * e + c) * 2;
             bytes[o..o + 2].copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
@@ -122,7 +136,11 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
     }
     for i in 0..n * l.groups_per_row() {
         let o = l.scales_off + i * 2;
-        bytes[o..o + 2].copy_from_slice(&f16::from_f32(0.01 + rng.f32().abs() * 0.02).to_bits().to_le_bytes());
+        bytes[o..o + 2].copy_from_slice(
+            &f16::from_f32(0.01 + rng.f32().abs() * 0.02)
+                .to_bits()
+                .to_le_bytes(),
+        );
     }
     Enc::Q(l, bytes)
 }
@@ -149,24 +167,59 @@ type Encoder = Box<dyn Fn(&mut Rng, usize, usize) -> Enc>;
 /// The kernels benchmarked: a name and an encoder.
 fn kinds() -> Vec<(&'static str, Encoder)> {
     let q = |s: QSpec| -> Encoder { Box::new(move |r: &mut Rng, n, k| quantized(r, n, k, s)) };
-    let spec = |bits: usize, group, rpt, int8, table| QSpec { bits, group, rpt, int8, table, codes: 1 << bits };
+    let spec = |bits: usize, group, rpt, int8, table| QSpec {
+        bits,
+        group,
+        rpt,
+        int8,
+        table,
+        codes: 1 << bits,
+    };
     vec![
-        ("f32 panel", Box::new(|r: &mut Rng, n, k| Enc::Panel(panel(r, n, k)))),
+        (
+            "f32 panel",
+            Box::new(|r: &mut Rng, n, k| Enc::Panel(panel(r, n, k))),
+        ),
         (
             "f16 panel",
-            Box::new(|r: &mut Rng, n, k| Enc::PanelF16(panel(r, n, k).iter().map(|&v| f16::from_f32(v).to_bits()).collect())),
+            Box::new(|r: &mut Rng, n, k| {
+                Enc::PanelF16(
+                    panel(r, n, k)
+                        .iter()
+                        .map(|&v| f16::from_f32(v).to_bits())
+                        .collect(),
+                )
+            }),
         ),
-        ("int8/row q8", q(spec(8, 0, 0, true, |_, c| (c as f32 - 128.0).max(-127.0)))),
-        ("int4 g32 q8", q(spec(4, 32, 0, true, |_, c| c as f32 - 8.0))),
+        (
+            "int8/row q8",
+            q(spec(8, 0, 0, true, |_, c| (c as f32 - 128.0).max(-127.0))),
+        ),
+        (
+            "int4 g32 q8",
+            q(spec(4, 32, 0, true, |_, c| c as f32 - 8.0)),
+        ),
         ("cb4/row q8", q(spec(4, 0, 1, true, random))),
         ("cb4/tensor q8", q(spec(4, 0, 0, true, random))),
         ("cb4/row f32", q(spec(4, 0, 1, false, random))),
         ("cb3/row q8", q(spec(3, 0, 1, true, random))),
         ("cb2/row q8", q(spec(2, 0, 1, true, random))),
         // As the ternary encoder writes them: codes 0, 1, 2 for −1, 0, +1.
-        ("ternary g128 q8", q(QSpec { codes: 3, ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 0.0][c]) })),
-        ("binary g128 q8", q(spec(1, 128, 0, true, |_, c| [-1.0, 1.0][c]))),
-        ("sparse 2:4", Box::new(|r: &mut Rng, n, k| sparse(r, n, k, 2, 4))),
+        (
+            "ternary g128 q8",
+            q(QSpec {
+                codes: 3,
+                ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 0.0][c])
+            }),
+        ),
+        (
+            "binary g128 q8",
+            q(spec(1, 128, 0, true, |_, c| [-1.0, 1.0][c])),
+        ),
+        (
+            "sparse 2:4",
+            Box::new(|r: &mut Rng, n, k| sparse(r, n, k, 2, 4)),
+        ),
     ]
 }
 
@@ -233,7 +286,10 @@ fn time(case: &mut Case, ker: &Kernels) -> f64 {
 
 /// The batch sizes to run (`QGEMM_BENCH_M=1` keeps GEMV only).
 fn ms() -> Vec<usize> {
-    match std::env::var("QGEMM_BENCH_M").ok().and_then(|v| v.parse().ok()) {
+    match std::env::var("QGEMM_BENCH_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         Some(m) => vec![m],
         None => MS.to_vec(),
     }
@@ -258,7 +314,9 @@ fn bench(c: &mut Criterion) {
                 let mut rng = Rng(1);
                 let enc = make(&mut rng, n, k);
                 let mut case = Case::new(&mut rng, m, n, k, enc);
-                group.bench_function(BenchmarkId::new(name, format!("m{m} {n}x{k}")), |b| b.iter(|| case.run(&ker)));
+                group.bench_function(BenchmarkId::new(name, format!("m{m} {n}x{k}")), |b| {
+                    b.iter(|| case.run(&ker))
+                });
             }
         }
     }
@@ -278,7 +336,10 @@ fn summary(_: &mut Criterion) {
     let mut f32_time = Vec::new();
     let only = std::env::var("QGEMM_BENCH_ONLY").ok();
     for (name, make) in kinds() {
-        if only.as_deref().is_some_and(|o| !name.contains(o) && name != "f32 panel") {
+        if only
+            .as_deref()
+            .is_some_and(|o| !name.contains(o) && name != "f32 panel")
+        {
             continue;
         }
         let mut line = format!("{name:<18}");
@@ -292,7 +353,10 @@ fn summary(_: &mut Criterion) {
                 if f32_time.len() <= col {
                     f32_time.push(t);
                 }
-                line += &format!("{:>22}", format!("{:.1} ({:.2}x)", t * 1e6, f32_time[col] / t));
+                line += &format!(
+                    "{:>22}",
+                    format!("{:.1} ({:.2}x)", t * 1e6, f32_time[col] / t)
+                );
                 col += 1;
             }
         }
@@ -313,7 +377,10 @@ fn enc_bytes(e: &Enc) -> usize {
 fn cold(_: &mut Criterion) {
     const COLD_BYTES: usize = 96 << 20;
     let ker = Kernels::best();
-    println!("\nGEMV (m = 1) with cold weights (a {} MiB working set): µs and speed-up over f32.", COLD_BYTES >> 20);
+    println!(
+        "\nGEMV (m = 1) with cold weights (a {} MiB working set): µs and speed-up over f32.",
+        COLD_BYTES >> 20
+    );
     let mut head = format!("{:<18}", "kernel");
     for (n, k) in SHAPES {
         head += &format!("{:>22}", format!("W={n}x{k}"));
@@ -322,7 +389,10 @@ fn cold(_: &mut Criterion) {
     let only = std::env::var("QGEMM_BENCH_ONLY").ok();
     let mut f32_time = Vec::new();
     for (name, make) in kinds() {
-        if only.as_deref().is_some_and(|o| !name.contains(o) && name != "f32 panel") {
+        if only
+            .as_deref()
+            .is_some_and(|o| !name.contains(o) && name != "f32 panel")
+        {
             continue;
         }
         let mut line = format!("{name:<18}");
@@ -330,7 +400,9 @@ fn cold(_: &mut Criterion) {
             let mut rng = Rng(1);
             let enc = make(&mut rng, n, k);
             let copies = (COLD_BYTES / enc_bytes(&enc)).max(2);
-            let mut cases: Vec<Case> = (0..copies).map(|_| Case::new(&mut rng, 1, n, k, enc.clone())).collect();
+            let mut cases: Vec<Case> = (0..copies)
+                .map(|_| Case::new(&mut rng, 1, n, k, enc.clone()))
+                .collect();
             let mut t = f64::MAX;
             for _ in 0..5 {
                 let start = Instant::now();
@@ -342,7 +414,10 @@ fn cold(_: &mut Criterion) {
             if f32_time.len() <= col {
                 f32_time.push(t);
             }
-            line += &format!("{:>22}", format!("{:.1} ({:.2}x)", t * 1e6, f32_time[col] / t));
+            line += &format!(
+                "{:>22}",
+                format!("{:.1} ({:.2}x)", t * 1e6, f32_time[col] / t)
+            );
         }
         println!("{line}");
     }

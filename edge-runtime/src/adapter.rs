@@ -64,8 +64,12 @@ impl core::fmt::Display for AdapterError {
         match self {
             AdapterError::Format(e) => write!(f, "adapter: {e}"),
             AdapterError::TooManyEntries => write!(f, "adapter: more than {MAX_ENTRIES} entries"),
-            AdapterError::ValuesTooSmall { needed } => write!(f, "adapter: value buffer needs {needed} f32"),
-            AdapterError::WorkspaceTooSmall { needed } => write!(f, "adapter: workspace needs {needed} f32"),
+            AdapterError::ValuesTooSmall { needed } => {
+                write!(f, "adapter: value buffer needs {needed} f32")
+            }
+            AdapterError::WorkspaceTooSmall { needed } => {
+                write!(f, "adapter: workspace needs {needed} f32")
+            }
             AdapterError::Misplaced { op, why } => write!(f, "adapter entry on op #{op}: {why}"),
         }
     }
@@ -81,7 +85,13 @@ pub(crate) struct AdapterParts<'a> {
 impl<'a> AdapterParts<'a> {
     /// The read-only half and the workspace, borrowed apart.
     pub fn split(&mut self) -> (AdapterValues<'_>, &mut [f32]) {
-        (AdapterValues { entries: self.entries, values: self.values }, &mut *self.workspace)
+        (
+            AdapterValues {
+                entries: self.entries,
+                values: self.values,
+            },
+            &mut *self.workspace,
+        )
     }
 }
 
@@ -94,7 +104,10 @@ pub(crate) struct AdapterValues<'a> {
 
 impl<'a> AdapterValues<'a> {
     pub fn find(&self, op: u32, kind: EntryKind) -> Option<(Entry, &'a [f32])> {
-        self.entries.iter().find(|e| e.op == op && e.kind == kind).map(|e| (*e, &self.values[e.range()]))
+        self.entries
+            .iter()
+            .find(|e| e.op == op && e.kind == kind)
+            .map(|e| (*e, &self.values[e.range()]))
     }
 }
 
@@ -112,22 +125,44 @@ pub fn lora_workspace(model: &Model<'_>, op: u32, rank: u16) -> usize {
 impl<'b> Adapter<'b> {
     /// An adapter with no entries.
     pub fn empty(values: &'b mut [f32], workspace: &'b mut [f32]) -> Adapter<'b> {
-        Adapter { entries: heapless::Vec::new(), values, used: 0, workspace }
+        Adapter {
+            entries: heapless::Vec::new(),
+            values,
+            used: 0,
+            workspace,
+        }
     }
 
     /// An adapter over `values` laid out as `entries` describe (e.g. kept across runs by a
     /// host or restored from a store): every entry is checked against `model`.
-    pub fn from_parts(model: &Model<'_>, entries: &[Entry], values: &'b mut [f32], workspace: &'b mut [f32]) -> Result<Adapter<'b>, AdapterError> {
+    pub fn from_parts(
+        model: &Model<'_>,
+        entries: &[Entry],
+        values: &'b mut [f32],
+        workspace: &'b mut [f32],
+    ) -> Result<Adapter<'b>, AdapterError> {
         let mut a = Adapter::empty(values, workspace);
         for e in entries {
-            let (rows, cols) = expected_shape(model, e.kind, e.op, e.rank).map_err(|why| AdapterError::Misplaced { op: e.op, why })?;
-            if e.rows != rows || e.cols != cols || e.len != rows * cols || e.offset as usize != a.used {
-                return Err(AdapterError::Misplaced { op: e.op, why: "entry shape or offset does not match the model" });
+            let (rows, cols) = expected_shape(model, e.kind, e.op, e.rank)
+                .map_err(|why| AdapterError::Misplaced { op: e.op, why })?;
+            if e.rows != rows
+                || e.cols != cols
+                || e.len != rows * cols
+                || e.offset as usize != a.used
+            {
+                return Err(AdapterError::Misplaced {
+                    op: e.op,
+                    why: "entry shape or offset does not match the model",
+                });
             }
             if a.used + e.len as usize > a.values.len() {
-                return Err(AdapterError::ValuesTooSmall { needed: a.used + e.len as usize });
+                return Err(AdapterError::ValuesTooSmall {
+                    needed: a.used + e.len as usize,
+                });
             }
-            a.entries.push(*e).map_err(|_| AdapterError::TooManyEntries)?;
+            a.entries
+                .push(*e)
+                .map_err(|_| AdapterError::TooManyEntries)?;
             a.used += e.len as usize;
         }
         a.check_workspace(model)?;
@@ -135,14 +170,23 @@ impl<'b> Adapter<'b> {
     }
 
     /// Loads a `.eta` file checked against `model` into the caller's buffers.
-    pub fn load(bytes: &[u8], model: &Model<'_>, values: &'b mut [f32], workspace: &'b mut [f32]) -> Result<Adapter<'b>, AdapterError> {
+    pub fn load(
+        bytes: &[u8],
+        model: &Model<'_>,
+        values: &'b mut [f32],
+        workspace: &'b mut [f32],
+    ) -> Result<Adapter<'b>, AdapterError> {
         let view = AdapterView::from_bytes(bytes, model)?;
         if values.len() < view.value_count() {
-            return Err(AdapterError::ValuesTooSmall { needed: view.value_count() });
+            return Err(AdapterError::ValuesTooSmall {
+                needed: view.value_count(),
+            });
         }
         let mut a = Adapter::empty(values, workspace);
         for i in 0..view.len() {
-            a.entries.push(view.entry(i)).map_err(|_| AdapterError::TooManyEntries)?;
+            a.entries
+                .push(view.entry(i))
+                .map_err(|_| AdapterError::TooManyEntries)?;
         }
         for (i, v) in a.values.iter_mut().enumerate().take(view.value_count()) {
             *v = view.value(i);
@@ -162,22 +206,52 @@ impl<'b> Adapter<'b> {
 
     /// Workspace the LoRA entries need.
     pub fn workspace_needed(&self, model: &Model<'_>) -> usize {
-        self.entries.iter().filter(|e| e.kind == EntryKind::LoraA).map(|e| lora_workspace(model, e.op, e.rank)).max().unwrap_or(0)
+        self.entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::LoraA)
+            .map(|e| lora_workspace(model, e.op, e.rank))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Adds an entry of `kind` on `op` (shape from the model), filled by `init(index) -> value`.
-    pub fn add(&mut self, model: &Model<'_>, kind: EntryKind, op: u32, rank: u16, alpha: f32, init: impl FnMut(usize) -> f32) -> Result<Entry, AdapterError> {
-        let (rows, cols) = expected_shape(model, kind, op, rank).map_err(|why| AdapterError::Misplaced { op, why })?;
+    pub fn add(
+        &mut self,
+        model: &Model<'_>,
+        kind: EntryKind,
+        op: u32,
+        rank: u16,
+        alpha: f32,
+        init: impl FnMut(usize) -> f32,
+    ) -> Result<Entry, AdapterError> {
+        let (rows, cols) = expected_shape(model, kind, op, rank)
+            .map_err(|why| AdapterError::Misplaced { op, why })?;
         let len = (rows * cols) as usize;
         if self.used + len > self.values.len() {
-            return Err(AdapterError::ValuesTooSmall { needed: self.used + len });
+            return Err(AdapterError::ValuesTooSmall {
+                needed: self.used + len,
+            });
         }
-        let e = Entry { kind, op, offset: self.used as u32, len: len as u32, rows, cols, rank, alpha };
-        self.entries.push(e).map_err(|_| AdapterError::TooManyEntries)?;
-        self.values[self.used..self.used + len].iter_mut().enumerate().for_each({
-            let mut init = init;
-            move |(i, v)| *v = init(i)
-        });
+        let e = Entry {
+            kind,
+            op,
+            offset: self.used as u32,
+            len: len as u32,
+            rows,
+            cols,
+            rank,
+            alpha,
+        };
+        self.entries
+            .push(e)
+            .map_err(|_| AdapterError::TooManyEntries)?;
+        self.values[self.used..self.used + len]
+            .iter_mut()
+            .enumerate()
+            .for_each({
+                let mut init = init;
+                move |(i, v)| *v = init(i)
+            });
         self.used += len;
         if kind == EntryKind::LoraA {
             self.check_workspace(model)?;
@@ -222,7 +296,11 @@ impl<'b> Adapter<'b> {
 
     /// Entries and values to read, and the workspace to write, borrowed apart for one run.
     pub(crate) fn parts(&mut self) -> AdapterParts<'_> {
-        AdapterParts { entries: &self.entries, values: &self.values[..self.used], workspace: self.workspace }
+        AdapterParts {
+            entries: &self.entries,
+            values: &self.values[..self.used],
+            workspace: self.workspace,
+        }
     }
 
     /// Bytes of the `.eta` file [`Adapter::save`] writes.

@@ -3,21 +3,21 @@
 use edgetune_core::ops::{MatMul, Op};
 use edgetune_core::{DType, Encoding, Model, OpInfo, Shape, Storage};
 
-use crate::error::RunError;
 use crate::adapter::{AdaptedQ, AdapterParts, AdapterValues};
+use crate::error::RunError;
 use crate::kernels::conv::{conv2d, direct_conv, ConvShape};
-use edgetune_core::adapter::EntryKind;
-use edgetune_core::ops::Conv;
-use edgetune_core::Activation;
 use crate::kernels::elementwise::{self as ew, broadcast_strides, Runs};
 use crate::kernels::linear::{dense, matmul, Weights};
-use crate::kernels::qgemm::{decode_row, QWeights, SparseWeights};
-use edgetune_core::layout::{QBlockLayout, SparseLayout};
 use crate::kernels::movement;
 use crate::kernels::norm;
 use crate::kernels::pool::pool2d;
+use crate::kernels::qgemm::{decode_row, QWeights, SparseWeights};
 use crate::kernels::Kernels;
 use crate::math;
+use edgetune_core::adapter::EntryKind;
+use edgetune_core::layout::{QBlockLayout, SparseLayout};
+use edgetune_core::ops::Conv;
+use edgetune_core::Activation;
 
 /// View of an arena tensor.
 ///
@@ -185,7 +185,16 @@ pub(crate) fn run_op(
             let act = if post { Activation::NONE } else { c.act };
             let kbias = if p.row_scales.is_some() { None } else { p.bias };
             let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
-            conv2d(kernels, &Conv { act, ..*c }, &s, x, p.weights, kbias, y, cx.scratch(op));
+            conv2d(
+                kernels,
+                &Conv { act, ..*c },
+                &s,
+                x,
+                p.weights,
+                kbias,
+                y,
+                cx.scratch(op),
+            );
             let pixels = s.ho * s.wo;
             if let Some(ls) = p.row_scales {
                 scale_outputs(y, pixels, s.cout, ls, p.bias);
@@ -207,7 +216,18 @@ pub(crate) fn run_op(
             let act = if post { Activation::NONE } else { d.act };
             let kbias = if p.row_scales.is_some() { None } else { p.bias };
             let (x, y) = (cx.input::<f32>(op.input(0)), cx.output::<f32>(y_id));
-            dense(kernels, x, m, k, p.weights, n, kbias, act, y, cx.scratch(op));
+            dense(
+                kernels,
+                x,
+                m,
+                k,
+                p.weights,
+                n,
+                kbias,
+                act,
+                y,
+                cx.scratch(op),
+            );
             if let Some(ls) = p.row_scales {
                 scale_outputs(y, 1, n, ls, p.bias);
             }
@@ -276,7 +296,10 @@ pub(crate) fn run_op(
             let mut gamma = (op.n_inputs() > 1).then(|| cx.input::<f32>(op.input(1)));
             let mut beta = (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2)));
             if let Some(ad) = adapter {
-                gamma = ad.find(op.index, EntryKind::NormGain).map(|e| e.1).or(gamma);
+                gamma = ad
+                    .find(op.index, EntryKind::NormGain)
+                    .map(|e| e.1)
+                    .or(gamma);
                 beta = ad.find(op.index, EntryKind::NormBias).map(|e| e.1).or(beta);
             }
             norm::layer_norm(
@@ -412,7 +435,11 @@ struct LinearParams<'a> {
 }
 
 /// Weights, bias and LoRA of a dense layer or convolution, with the adapter's overrides.
-fn linear_params<'x>(cx: &Ctx<'x, '_>, op: &OpInfo<'_>, ad: Option<AdapterValues<'x>>) -> LinearParams<'x> {
+fn linear_params<'x>(
+    cx: &Ctx<'x, '_>,
+    op: &OpInfo<'_>,
+    ad: Option<AdapterValues<'x>>,
+) -> LinearParams<'x> {
     let mut p = LinearParams {
         weights: cx.weights(op.input(1)),
         bias: (op.n_inputs() > 2).then(|| cx.input::<f32>(op.input(2))),
@@ -431,11 +458,22 @@ fn linear_params<'x>(cx: &Ctx<'x, '_>, op: &OpInfo<'_>, ad: Option<AdapterValues
             if centroids.is_none() && q.layout.groups_per_row() == 1 {
                 p.row_scales = log_scales;
             } else if centroids.is_some() || log_scales.is_some() {
-                p.weights = Weights::Adapted(AdaptedQ { q, centroids, log_scales });
+                p.weights = Weights::Adapted(AdaptedQ {
+                    q,
+                    centroids,
+                    log_scales,
+                });
             }
         }
-        if let (Some((ea, a)), Some((_, b))) = (ad.find(i, EntryKind::LoraA), ad.find(i, EntryKind::LoraB)) {
-            p.lora = Some(Lora { a, b, rank: ea.rank as usize, alpha: ea.alpha });
+        if let (Some((ea, a)), Some((_, b))) =
+            (ad.find(i, EntryKind::LoraA), ad.find(i, EntryKind::LoraB))
+        {
+            p.lora = Some(Lora {
+                a,
+                b,
+                rank: ea.rank as usize,
+                alpha: ea.alpha,
+            });
         }
     }
     p
@@ -456,12 +494,21 @@ fn scale_outputs(y: &mut [f32], pixels: usize, n: usize, ls: &[f32], bias: Optio
 }
 
 /// `y[m, n] += α/r · Σ_j B[n, j] · (Σ_k A[j, k] · x[m, k])`, the intermediate in `work`.
-fn lora_dense(x: &[f32], (m, k, n): (usize, usize, usize), l: &Lora<'_>, work: &mut [f32], y: &mut [f32]) {
+fn lora_dense(
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    l: &Lora<'_>,
+    work: &mut [f32],
+    y: &mut [f32],
+) {
     let r = l.rank;
     let t = &mut work[..m * r];
     for i in 0..m {
         for j in 0..r {
-            t[i * r + j] = x[i * k..(i + 1) * k].iter().zip(&l.a[j * k..(j + 1) * k]).fold(0.0, |s, (a, b)| s + a * b);
+            t[i * r + j] = x[i * k..(i + 1) * k]
+                .iter()
+                .zip(&l.a[j * k..(j + 1) * k])
+                .fold(0.0, |s, (a, b)| s + a * b);
         }
     }
     let s = l.alpha / r as f32;
@@ -479,7 +526,18 @@ fn lora_conv(c: &Conv, s: &ConvShape, x: &[f32], l: &Lora<'_>, work: &mut [f32],
     let r = l.rank;
     let p = s.ho * s.wo;
     let t = &mut work[..s.n * r * p];
-    direct_conv(&Conv { act: Activation::NONE, groups: 1, ..*c }, &ConvShape { cout: r, ..*s }, x, l.a, None, t);
+    direct_conv(
+        &Conv {
+            act: Activation::NONE,
+            groups: 1,
+            ..*c
+        },
+        &ConvShape { cout: r, ..*s },
+        x,
+        l.a,
+        None,
+        t,
+    );
     let sc = l.alpha / r as f32;
     for b in 0..s.n {
         for co in 0..s.cout {
@@ -524,7 +582,11 @@ fn run_gather(cx: &Ctx<'_, '_>, op: &OpInfo<'_>, axis: usize) -> Result<(), RunE
         for (j, raw) in idx.enumerate() {
             let r = if raw < 0 { raw + rows as i64 } else { raw };
             if r < 0 || r >= rows as i64 {
-                return Err(RunError::IndexOutOfRange { op: op.index, index: raw, dim: rows });
+                return Err(RunError::IndexOutOfRange {
+                    op: op.index,
+                    index: raw,
+                    dim: rows,
+                });
             }
             decode_row(&q, r as usize, &mut out[j * dim..(j + 1) * dim]);
         }

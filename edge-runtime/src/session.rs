@@ -177,10 +177,17 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Runs ops `ops.start..ops.end` only. Starting past 0 re-runs a tail on the results the ops
     /// before it left (prefix caching): the model must have been planned for it (its
     /// `resumable_from` metadata at or before `ops.start`), else this is an error.
-    pub fn run_range(&mut self, ops: core::ops::Range<u32>, mut adapter: Option<&mut Adapter<'_>>) -> Result<(), RunError> {
+    pub fn run_range(
+        &mut self,
+        ops: core::ops::Range<u32>,
+        mut adapter: Option<&mut Adapter<'_>>,
+    ) -> Result<(), RunError> {
         let end = ops.end.min(self.model.op_count());
         if ops.start > 0 {
-            let from = self.model.meta("resumable_from").and_then(|v| v.parse::<u32>().ok());
+            let from = self
+                .model
+                .meta("resumable_from")
+                .and_then(|v| v.parse::<u32>().ok());
             if from.is_none_or(|f| f > ops.start) {
                 return Err(RunError::NotResumable { op: ops.start });
             }
@@ -188,7 +195,13 @@ impl<'m, 'a> Session<'m, 'a> {
         let mut parts = adapter.as_deref_mut().map(|a| a.parts());
         for i in ops.start..end {
             let op = self.model.op(i);
-            exec::run_op(&self.model, self.arena.as_mut_ptr(), &self.kernels, &op, parts.as_mut())?;
+            exec::run_op(
+                &self.model,
+                self.arena.as_mut_ptr(),
+                &self.kernels,
+                &op,
+                parts.as_mut(),
+            )?;
         }
         Ok(())
     }
@@ -201,7 +214,13 @@ impl<'m, 'a> Session<'m, 'a> {
     ) -> Result<(), RunError> {
         for i in 0..self.model.op_count() {
             let op = self.model.op(i);
-            exec::run_op(&self.model, self.arena.as_mut_ptr(), &self.kernels, &op, None)?;
+            exec::run_op(
+                &self.model,
+                self.arena.as_mut_ptr(),
+                &self.kernels,
+                &op,
+                None,
+            )?;
             after(i, self);
         }
         Ok(())

@@ -139,7 +139,10 @@ pub struct Sampler {
 impl Sampler {
     /// Draws from `0..n` (`n` ≥ 1) with `seed` (the run's base seed).
     pub fn new(n: usize, seed: u64) -> Sampler {
-        Sampler { n: n.max(1) as u64, state: seed ^ 0x5eed }
+        Sampler {
+            n: n.max(1) as u64,
+            state: seed ^ 0x5eed,
+        }
     }
 
     /// The next sample index.
@@ -190,7 +193,12 @@ fn directions(cfg: &ZoConfig) -> usize {
 /// `eval(values, direction, plus)` where a loss is due: for each direction `+εz` (L+), then
 /// `−2εz` (L−; one-sided: `−εz` back to θ, no loss). Every direction but the last is restored;
 /// the last one's restore is folded into [`finish_step`].
-fn evaluate_directions<S: Trainable + ?Sized>(values: &mut S, cfg: &ZoConfig, step: u32, mut eval: impl FnMut(&mut S, usize, bool)) {
+fn evaluate_directions<S: Trainable + ?Sized>(
+    values: &mut S,
+    cfg: &ZoConfig,
+    step: u32,
+    mut eval: impl FnMut(&mut S, usize, bool),
+) {
     let dirs = directions(cfg);
     for d in 0..dirs {
         let key = direction_key(cfg.seed, step, d as u32);
@@ -213,7 +221,14 @@ fn evaluate_directions<S: Trainable + ?Sized>(values: &mut S, cfg: &ZoConfig, st
 /// The end of a step: the last direction's restore together with the update
 /// `θ −= lr·(Σ_d coef_d·z_d)/D`, then decoupled weight decay on the values `decay(i)` says.
 /// A skipped step only restores.
-fn finish_step(values: &mut [f32], cfg: &ZoConfig, step: u32, g: &[f32], skipped: bool, decay: &dyn Fn(usize) -> bool) {
+fn finish_step(
+    values: &mut [f32],
+    cfg: &ZoConfig,
+    step: u32,
+    g: &[f32],
+    skipped: bool,
+    decay: &dyn Fn(usize) -> bool,
+) {
     let dirs = directions(cfg);
     let last = dirs - 1;
     // Where the last direction left θ: +εz one-sided, −εz two-sided.
@@ -228,7 +243,12 @@ fn finish_step(values: &mut [f32], cfg: &ZoConfig, step: u32, g: &[f32], skipped
         let key = direction_key(cfg.seed, step, d as u32);
         perturb(values, key, -lr * coefficient(cfg, gd), cfg.perturbation);
     }
-    perturb(values, key_last, restore - lr * coefficient(cfg, g[last]), cfg.perturbation);
+    perturb(
+        values,
+        key_last,
+        restore - lr * coefficient(cfg, g[last]),
+        cfg.perturbation,
+    );
     if cfg.weight_decay != 0.0 {
         for (i, v) in values.iter_mut().enumerate() {
             if decay(i) {
@@ -240,7 +260,14 @@ fn finish_step(values: &mut [f32], cfg: &ZoConfig, step: u32, g: &[f32], skipped
 
 /// Repeats step `step` from its logged projected gradients (`g`, one per direction) and skip
 /// flag, without data: the same arithmetic as [`zo_step`], so the values come out bit for bit.
-pub fn replay_step(values: &mut [f32], cfg: &ZoConfig, step: u32, g: &[f32], skipped: bool, decay: &dyn Fn(usize) -> bool) {
+pub fn replay_step(
+    values: &mut [f32],
+    cfg: &ZoConfig,
+    step: u32,
+    g: &[f32],
+    skipped: bool,
+    decay: &dyn Fn(usize) -> bool,
+) {
     evaluate_directions(values, cfg, step, |_, _, _| {});
     finish_step(values, cfg, step, g, skipped, decay);
 }
@@ -280,7 +307,12 @@ pub fn zo_step<S: Trainable + ?Sized>(
     mut loss: impl FnMut(&mut S) -> f32,
 ) -> StepRecord {
     let dirs = directions(cfg);
-    let mut rec = StepRecord { step, g: [0.0; MAX_DIRECTIONS], loss: 0.0, skipped: false };
+    let mut rec = StepRecord {
+        step,
+        g: [0.0; MAX_DIRECTIONS],
+        loss: 0.0,
+        skipped: false,
+    };
     let (mut sum, mut count) = (0.0f32, 0usize);
     let base = if cfg.one_sided {
         let l0 = loss(state);
@@ -302,7 +334,11 @@ pub fn zo_step<S: Trainable + ?Sized>(
             minus[d] = l;
         }
     });
-    let denom = if cfg.one_sided { cfg.eps } else { 2.0 * cfg.eps };
+    let denom = if cfg.one_sided {
+        cfg.eps
+    } else {
+        2.0 * cfg.eps
+    };
     for d in 0..dirs {
         if !plus[d].is_finite() || !minus[d].is_finite() {
             rec.skipped = true;
@@ -313,12 +349,23 @@ pub fn zo_step<S: Trainable + ?Sized>(
     if rec.skipped {
         rec.g = [0.0; MAX_DIRECTIONS];
     }
-    finish_step(state.values_mut(), cfg, step, &rec.g[..dirs], rec.skipped, decay);
+    finish_step(
+        state.values_mut(),
+        cfg,
+        step,
+        &rec.g[..dirs],
+        rec.skipped,
+        decay,
+    );
     rec
 }
 
 /// Mean cross-entropy of `logits` (`[batch, classes]`) against class `labels`.
-pub fn cross_entropy(logits: &[f32], classes: usize, labels: impl IntoIterator<Item = usize>) -> f32 {
+pub fn cross_entropy(
+    logits: &[f32],
+    classes: usize,
+    labels: impl IntoIterator<Item = usize>,
+) -> f32 {
     let mut total = 0.0f32;
     let mut n = 0;
     for (row, label) in logits.chunks_exact(classes).zip(labels) {
@@ -379,22 +426,47 @@ mod tests {
         // L(θ) = |θ − t|²: the ZO estimate is unbiased for the gradient direction.
         let target = [1.0f32, -2.0, 0.5, 3.0];
         let mut theta = [0.0f32; 4];
-        let cfg = ZoConfig { lr: 0.05, eps: 1e-3, ..ZoConfig::default() };
-        let loss = |v: &mut [f32; 4]| v.iter().zip(&target).map(|(a, b)| (a - b) * (a - b)).sum::<f32>();
+        let cfg = ZoConfig {
+            lr: 0.05,
+            eps: 1e-3,
+            ..ZoConfig::default()
+        };
+        let loss = |v: &mut [f32; 4]| {
+            v.iter()
+                .zip(&target)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+        };
         let start = loss(&mut theta);
         for t in 0..400 {
             zo_step(&mut theta, &cfg, t, &|_| false, loss);
         }
-        assert!(loss(&mut theta) < 0.01 * start, "loss {} from {start}", loss(&mut theta));
+        assert!(
+            loss(&mut theta) < 0.01 * start,
+            "loss {} from {start}",
+            loss(&mut theta)
+        );
     }
 
     #[test]
     fn replay_reproduces_bits() {
         // Every variant, with weight decay on some values and a step skipped for a NaN loss.
         let variants = [
-            ZoConfig { directions: 2, ..ZoConfig::default() },
-            ZoConfig { directions: 3, one_sided: true, weight_decay: 0.1, ..ZoConfig::default() },
-            ZoConfig { rule: Rule::SignSgd, perturbation: Perturbation::Rademacher, ..ZoConfig::default() },
+            ZoConfig {
+                directions: 2,
+                ..ZoConfig::default()
+            },
+            ZoConfig {
+                directions: 3,
+                one_sided: true,
+                weight_decay: 0.1,
+                ..ZoConfig::default()
+            },
+            ZoConfig {
+                rule: Rule::SignSgd,
+                perturbation: Perturbation::Rademacher,
+                ..ZoConfig::default()
+            },
         ];
         for cfg in variants {
             let mut a = [0.3f32, -0.7, 1.1, 0.05];
@@ -402,7 +474,13 @@ mod tests {
             let mut b = a;
             let mut log = [([0f32; MAX_DIRECTIONS], false); 50];
             for t in 0..50u32 {
-                let loss = |v: &mut [f32; 4]| if t == 17 { f32::NAN } else { v.iter().map(|x| (x - 0.25) * (x - 0.25)).sum::<f32>() };
+                let loss = |v: &mut [f32; 4]| {
+                    if t == 17 {
+                        f32::NAN
+                    } else {
+                        v.iter().map(|x| (x - 0.25) * (x - 0.25)).sum::<f32>()
+                    }
+                };
                 let r = zo_step(&mut a, &cfg, t, &decay, loss);
                 log[t as usize] = (r.g, r.skipped);
             }

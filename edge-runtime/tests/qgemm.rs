@@ -4,7 +4,9 @@
 //! Weights are built here with a tiny encoder of our own (random codes, tables and scales laid
 //! out with `edgetune_core::layout`), so these tests do not depend on the host-side quantizers.
 
-use edgetune_core::layout::{pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS};
+use edgetune_core::layout::{
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+};
 use edgetune_core::{ActKind, Activation};
 use edgetune_runtime::kernels::gemm::{self, NR};
 use edgetune_runtime::kernels::linear::{linear, Weights};
@@ -78,9 +80,19 @@ struct QCase {
 
 impl QCase {
     #[allow(clippy::too_many_arguments)]
-    fn new(rng: &mut Rng, n: usize, k: usize, bits: usize, group: usize, rpt: usize, int8: bool, table: Table) -> QCase {
+    fn new(
+        rng: &mut Rng,
+        n: usize,
+        k: usize,
+        bits: usize,
+        group: usize,
+        rpt: usize,
+        int8: bool,
+        table: Table,
+    ) -> QCase {
         let flags = if int8 { QFLAG_INT8_ACTIVATIONS } else { 0 };
-        let l = QBlockLayout::new(n, k, [bits as u32, group as u32, rpt as u32, flags]).expect("valid layout");
+        let l = QBlockLayout::new(n, k, [bits as u32, group as u32, rpt as u32, flags])
+            .expect("valid layout");
         let e = l.entries();
         let mut bytes = vec![0u8; l.len];
         let mut codes = vec![0u8; n * k];
@@ -136,7 +148,11 @@ impl QCase {
             // max|v| / 127. Raw tables go in as they are, −128 included.
             let exact = tab.iter().all(|v| v.fract() == 0.0 && v.abs() <= 127.0);
             let amax = tab.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if exact || table == Table::RawI8 || amax == 0.0 { 1.0 } else { amax / 127.0 };
+            let s = if exact || table == Table::RawI8 || amax == 0.0 {
+                1.0
+            } else {
+                amax / 127.0
+            };
             for (c, v) in tab.iter().enumerate() {
                 tab8[c] = if table == Table::RawI8 {
                     *v as i8
@@ -174,11 +190,19 @@ impl QCase {
                 w8[r * k + kk] = s * luts8[t * e + c] as f32 * lut_scales[t];
             }
         }
-        QCase { layout: l, bytes, w, w8 }
+        QCase {
+            layout: l,
+            bytes,
+            w,
+            w8,
+        }
     }
 
     fn weights(&self) -> QWeights<'_> {
-        QWeights { layout: self.layout, bytes: &self.bytes }
+        QWeights {
+            layout: self.layout,
+            bytes: &self.bytes,
+        }
     }
 }
 
@@ -208,7 +232,18 @@ impl Io {
         };
         let bias = (rng.below(2) == 0).then(|| rng.vec(n));
         let act = activations()[rng.below(4)];
-        Io { m, n, k, a, a_rs, c_len, c_rs, c_cs, bias, act }
+        Io {
+            m,
+            n,
+            k,
+            a,
+            a_rs,
+            c_len,
+            c_rs,
+            c_cs,
+            bias,
+            act,
+        }
     }
 
     /// The same operands with C row-major or column-major ("NCHW").
@@ -274,7 +309,11 @@ fn activations() -> [Activation; 4] {
     [
         Activation::NONE,
         Activation::plain(ActKind::Relu),
-        Activation { kind: ActKind::Clip, a: -0.25, b: 0.5 },
+        Activation {
+            kind: ActKind::Clip,
+            a: -0.25,
+            b: 0.5,
+        },
         Activation::plain(ActKind::Tanh),
     ]
 }
@@ -286,7 +325,11 @@ fn quantized(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         for (e, &v) in block.iter().enumerate() {
-            let q = if d > 0.0 { (v * (1.0 / d)).round().clamp(-127.0, 127.0) } else { 0.0 };
+            let q = if d > 0.0 {
+                (v * (1.0 / d)).round().clamp(-127.0, 127.0)
+            } else {
+                0.0
+            };
             xq[b * BLOCK + e] = q * d;
         }
     }
@@ -299,7 +342,10 @@ fn dot(x: &[f32], w: &[f32]) -> f64 {
 }
 
 fn absdot(x: &[f32], w: &[f32]) -> f64 {
-    x.iter().zip(w).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()
+    x.iter()
+        .zip(w)
+        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+        .sum()
 }
 
 /// Tolerance between two float evaluations of the same sums: `1e-4 · (1 + Σ|terms|)`.
@@ -311,7 +357,10 @@ fn fast_kernels() -> Vec<Kernels> {
     #[allow(unused_mut)]
     let mut ks = vec![best];
     #[cfg(target_arch = "aarch64")]
-    for v in edgetune_runtime::kernels::qgemm::aarch64::variants().into_iter().flatten() {
+    for v in edgetune_runtime::kernels::qgemm::aarch64::variants()
+        .into_iter()
+        .flatten()
+    {
         if v.qgemm_name != best.qgemm_name {
             ks.push(v);
         }
@@ -345,18 +394,30 @@ fn check_q(q: &QCase, io: &Io, what: &str) {
         let xs: Vec<(Vec<f32>, Vec<f32>)> = (0..io.m).map(|i| quantized(io.x(i))).collect();
         // Exactly Σ x̂·ŵ, up to float rounding.
         let exact = io.finish(|i, j| dot(&xs[i].0, w8(j)));
-        io.check(&want, &exact, |i, j| REL * (1.0 + absdot(&xs[i].0, w8(j))), &format!("{what}: reference vs Σ x̂ŵ"));
+        io.check(
+            &want,
+            &exact,
+            |i, j| REL * (1.0 + absdot(&xs[i].0, w8(j))),
+            &format!("{what}: reference vs Σ x̂ŵ"),
+        );
         // And Σ x·w within the quantization error of both operands.
         let dense = io.finish(|i, j| dot(io.x(i), w(j)));
         let bound = |i: usize, j: usize| {
             let (xq, xe) = &xs[i];
-            let werr: f64 = (0..k).map(|kk| (io.x(i)[kk] as f64 * (w(j)[kk] - w8(j)[kk]) as f64).abs()).sum();
+            let werr: f64 = (0..k)
+                .map(|kk| (io.x(i)[kk] as f64 * (w(j)[kk] - w8(j)[kk]) as f64).abs())
+                .sum();
             werr + absdot(xe, w8(j)) + REL * (1.0 + absdot(xq, w8(j)) + absdot(io.x(i), w(j)))
         };
         io.check(&want, &dense, bound, &format!("{what}: reference vs Σ xw"));
     } else {
         let dense = io.finish(|i, j| dot(io.x(i), w(j)));
-        io.check(&want, &dense, |i, j| REL * (1.0 + absdot(io.x(i), w(j))), &format!("{what}: reference vs Σ xw"));
+        io.check(
+            &want,
+            &dense,
+            |i, j| REL * (1.0 + absdot(io.x(i), w(j))),
+            &format!("{what}: reference vs Σ xw"),
+        );
     }
     let tol = |i: usize, j: usize| {
         if q.layout.int8_activations() {
@@ -369,14 +430,22 @@ fn check_q(q: &QCase, io: &Io, what: &str) {
     for ker in fast_kernels() {
         let chunk = [1, 3, 64][io.m % 3];
         let got = run_q(&ker, q, io, chunk);
-        io.check(&got, &want, tol, &format!("{what}: {} vs reference", ker.qgemm_name));
+        io.check(
+            &got,
+            &want,
+            tol,
+            &format!("{what}: {} vs reference", ker.qgemm_name),
+        );
     }
 }
 
 const MS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 32];
 
 fn groups(kp: usize) -> Vec<usize> {
-    let mut g: Vec<usize> = [32, 64, 128].into_iter().filter(|g| kp.is_multiple_of(*g) && *g < kp).collect();
+    let mut g: Vec<usize> = [32, 64, 128]
+        .into_iter()
+        .filter(|g| kp.is_multiple_of(*g) && *g < kp)
+        .collect();
     g.push(kp);
     g
 }
@@ -417,14 +486,26 @@ fn block_quantized_matches_reference() {
         for c in 0..count {
             let (int8, table, rpt_kind) = combos[c % combos.len()];
             let m = MS[c % MS.len()];
-            let n = if c % 7 == 0 { rng.pick(&[1, 2, 3, 5]) } else { 1 + rng.below(40) };
-            let k = if c % 5 == 0 { rng.pick(&[1, 31, 32, 33, 64, 96, 128, 160, 200]) } else { 1 + rng.below(200) };
+            let n = if c % 7 == 0 {
+                rng.pick(&[1, 2, 3, 5])
+            } else {
+                1 + rng.below(40)
+            };
+            let k = if c % 5 == 0 {
+                rng.pick(&[1, 31, 32, 33, 64, 96, 128, 160, 200])
+            } else {
+                1 + rng.below(200)
+            };
             let kp = k.div_ceil(BLOCK) * BLOCK;
             let group = rng.pick(&groups(kp));
             let rpt = [1, 3, n][rpt_kind];
             let q = QCase::new(&mut rng, n, k, bits, group, rpt, int8, table);
             let io = Io::new(&mut rng, m, n, k);
-            check_q(&q, &io, &format!("bits={bits} group={group} rpt={rpt} int8={int8} {table:?}"));
+            check_q(
+                &q,
+                &io,
+                &format!("bits={bits} group={group} rpt={rpt} int8={int8} {table:?}"),
+            );
             cases += 1;
         }
     }
@@ -446,7 +527,11 @@ fn superblock_widths_all_groups() {
                     let rpt = rng.pick(&[1, 3, n]);
                     let q = QCase::new(&mut rng, n, k, bits, group, rpt, true, table);
                     let io = Io::new(&mut rng, m, n, k);
-                    check_q(&q, &io, &format!("bits={bits} k={k} group={group} rpt={rpt} {table:?}"));
+                    check_q(
+                        &q,
+                        &io,
+                        &format!("bits={bits} k={k} group={group} rpt={rpt} {table:?}"),
+                    );
                 }
             }
         }
@@ -483,7 +568,8 @@ struct SCase {
 
 impl SCase {
     fn new(rng: &mut Rng, n: usize, k: usize, keep: usize, m: usize) -> SCase {
-        let l = SparseLayout::new(n, k, [keep as u32, m as u32, 0, 0]).expect("valid sparse layout");
+        let l =
+            SparseLayout::new(n, k, [keep as u32, m as u32, 0, 0]).expect("valid sparse layout");
         let mut bytes = vec![0u8; l.len];
         let mut w = vec![0f32; n * k];
         let per_row = l.per_row();
@@ -514,13 +600,24 @@ impl SCase {
             let o = l.pos_off + r * l.pos_row_bytes;
             bytes[o..o + l.pos_row_bytes].copy_from_slice(&bits);
         }
-        SCase { layout: l, bytes, w }
+        SCase {
+            layout: l,
+            bytes,
+            w,
+        }
     }
 }
 
 fn run_s(ker: &Kernels, s: &SCase, io: &Io) -> Vec<f32> {
     let mut c = vec![f32::NAN; io.c_len];
-    qgemm::sparse_gemm(ker, &SparseWeights { layout: s.layout, bytes: &s.bytes }, io.g(&mut c));
+    qgemm::sparse_gemm(
+        ker,
+        &SparseWeights {
+            layout: s.layout,
+            bytes: &s.bytes,
+        },
+        io.g(&mut c),
+    );
     c
 }
 
@@ -542,7 +639,12 @@ fn sparse_matches_reference() {
             let what = format!("{keep}:{mm} k={k}");
             io.check(&want, &dense, tol, &format!("{what}: reference vs Σ xw"));
             for ker in fast_kernels() {
-                io.check(&run_s(&ker, &s, &io), &want, tol, &format!("{what}: {} vs reference", ker.qgemm_name));
+                io.check(
+                    &run_s(&ker, &s, &io),
+                    &want,
+                    tol,
+                    &format!("{what}: {} vs reference", ker.qgemm_name),
+                );
             }
         }
     }
@@ -557,7 +659,10 @@ fn sparse_matches_reference() {
 #[cfg(feature = "std")]
 #[test]
 fn threaded_matches_single_threaded() {
-    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let mut rng = Rng(11);
     for (m, n, k, bits, rpt, int8) in [
         (1usize, 2048usize, 512usize, 4usize, 1usize, true),
@@ -589,7 +694,13 @@ fn threaded_matches_single_threaded() {
             let ker = Kernels::best();
             let single = run_s(&ker, &s, &io);
             let threaded = two.install(|| run_s(&ker.with_threads(2), &s, &io));
-            assert!(single.iter().zip(&threaded).all(|(a, b)| a.to_bits() == b.to_bits()), "sparse m={m} col_major={col_major}");
+            assert!(
+                single
+                    .iter()
+                    .zip(&threaded)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "sparse m={m} col_major={col_major}"
+            );
         }
     }
 }
@@ -600,9 +711,16 @@ fn best_picks_the_architecture_kernels() {
     let best = Kernels::best();
     println!("best: {best:?}");
     #[cfg(target_arch = "aarch64")]
-    assert!(best.qgemm_name.starts_with("aarch64-neon"), "{}", best.qgemm_name);
+    assert!(
+        best.qgemm_name.starts_with("aarch64-neon"),
+        "{}",
+        best.qgemm_name
+    );
     #[cfg(all(target_arch = "x86_64", feature = "std"))]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
         assert_eq!(best.qgemm_name, "x86_64-avx2");
     }
     assert_eq!(Kernels::reference().qgemm_name, "generic");
@@ -631,21 +749,43 @@ fn panel_f16_matches_f32_gemm() {
         let io = Io::new(&mut rng, m, n, k);
         let run = |ker: &Kernels, wts: &Weights<'_>| {
             let mut c = vec![f32::NAN; io.c_len];
-            linear(ker, wts, (m, k, n), (&io.a, io.a_rs, 1), (&mut c, io.c_rs, io.c_cs), io.bias.as_deref(), io.act, &mut []);
+            linear(
+                ker,
+                wts,
+                (m, k, n),
+                (&io.a, io.a_rs, 1),
+                (&mut c, io.c_rs, io.c_cs),
+                io.bias.as_deref(),
+                io.act,
+                &mut [],
+            );
             c
         };
-        let same_bits = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same_bits =
+            |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
         let wf = |j: usize| &w[j * k..(j + 1) * k];
         let tol = |i: usize, j: usize| 1e-5 * (1.0 + absdot(io.x(i), wf(j)));
         let reference = Kernels::reference();
         let want = run(&reference, &Weights::Panel(&panel));
         let dense = io.finish(|i, j| dot(io.x(i), wf(j)));
         io.check(&want, &dense, tol, "f32 reference vs Σ xw");
-        assert!(same_bits(&run(&reference, &Weights::PanelF16(&panel16)), &want), "f16 reference differs from f32 reference");
+        assert!(
+            same_bits(&run(&reference, &Weights::PanelF16(&panel16)), &want),
+            "f16 reference differs from f32 reference"
+        );
         for ker in fast_kernels() {
             let f16 = run(&ker, &Weights::PanelF16(&panel16));
-            assert!(same_bits(&f16, &run(&ker, &Weights::Panel(&panel))), "{}: f16 differs from f32", ker.gemm_f16.name);
-            io.check(&f16, &want, tol, &format!("{} f16 vs reference", ker.gemm_f16.name));
+            assert!(
+                same_bits(&f16, &run(&ker, &Weights::Panel(&panel))),
+                "{}: f16 differs from f32",
+                ker.gemm_f16.name
+            );
+            io.check(
+                &f16,
+                &want,
+                tol,
+                &format!("{} f16 vs reference", ker.gemm_f16.name),
+            );
         }
     }
 }
@@ -654,20 +794,37 @@ fn panel_f16_matches_f32_gemm() {
 #[cfg(feature = "std")]
 #[test]
 fn panel_f16_threaded_matches_single_threaded() {
-    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
     let mut rng = Rng(77);
     let (m, n, k) = (40, 300, 200);
-    let w: Vec<u16> = (0..gemm::packed_len(k, n)).map(|_| f16::from_f32(rng.f32()).to_bits()).collect();
+    let w: Vec<u16> = (0..gemm::packed_len(k, n))
+        .map(|_| f16::from_f32(rng.f32()).to_bits())
+        .collect();
     let io = Io::new(&mut rng, m, n, k);
     let ker = Kernels::best();
     let run = |ker: &Kernels| {
         let mut c = vec![f32::NAN; io.c_len];
-        linear(ker, &Weights::PanelF16(&w), (m, k, n), (&io.a, io.a_rs, 1), (&mut c, io.c_rs, io.c_cs), io.bias.as_deref(), io.act, &mut []);
+        linear(
+            ker,
+            &Weights::PanelF16(&w),
+            (m, k, n),
+            (&io.a, io.a_rs, 1),
+            (&mut c, io.c_rs, io.c_cs),
+            io.bias.as_deref(),
+            io.act,
+            &mut [],
+        );
         c
     };
     let single = run(&ker);
     let threaded = two.install(|| run(&ker.with_threads(2)));
-    assert!(single.iter().zip(&threaded).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(single
+        .iter()
+        .zip(&threaded)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 /// The fast activation quantizers write exactly the reference's bytes, including ties, NaN,
@@ -675,7 +832,23 @@ fn panel_f16_threaded_matches_single_threaded() {
 #[test]
 fn fast_quantize_matches_reference() {
     let mut rng = Rng(31);
-    let specials = [0.5, -0.5, 1.5, -2.5, 126.5, -126.5, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-42, 127.0, -127.0];
+    let specials = [
+        0.5,
+        -0.5,
+        1.5,
+        -2.5,
+        126.5,
+        -126.5,
+        0.0,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        -1e-42,
+        127.0,
+        -127.0,
+    ];
     for c in 0..400 {
         let k = 1 + rng.below(200);
         let mut x = rng.vec(k);
@@ -683,7 +856,11 @@ fn fast_quantize_matches_reference() {
             // Block maxima of exactly 127 make x/d = x: exact ties at .5.
             0 => {
                 for (i, v) in x.iter_mut().enumerate() {
-                    *v = if i % BLOCK == 0 { 127.0 } else { (rng.below(255) as f32 - 127.0) + 0.5 * (rng.below(2) as f32) };
+                    *v = if i % BLOCK == 0 {
+                        127.0
+                    } else {
+                        (rng.below(255) as f32 - 127.0) + 0.5 * (rng.below(2) as f32)
+                    };
                 }
             }
             1 => {

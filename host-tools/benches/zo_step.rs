@@ -25,15 +25,30 @@ const BATCH: usize = 64;
 const STEPS: u32 = 400;
 
 fn digits(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/digits").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/digits")
+        .join(name)
 }
 
 /// The digits model at batch 64, compressed to ternary weights (one scale per row) when asked.
 fn model(file: &str, ternary: bool) -> Vec<u8> {
-    let mut g = import(&digits(file), &[format!("x={BATCH}x1x8x8").parse().unwrap()], LowerOptions::default()).unwrap();
+    let mut g = import(
+        &digits(file),
+        &[format!("x={BATCH}x1x8x8").parse().unwrap()],
+        LowerOptions::default(),
+    )
+    .unwrap();
     if ternary {
-        let rule = Rule { pattern: "*".into(), method: Method::Ternary { group: 256 }, gptq: false };
-        let recipe = Recipe { rules: vec![rule], keep_ends: KeepEnds::Same, ..Recipe::default() };
+        let rule = Rule {
+            pattern: "*".into(),
+            method: Method::Ternary { group: 256 },
+            gptq: false,
+        };
+        let recipe = Recipe {
+            rules: vec![rule],
+            keep_ends: KeepEnds::Same,
+            ..Recipe::default()
+        };
         compress(&mut g, &recipe, None, false).unwrap();
     }
     pack(&g).unwrap().0
@@ -96,8 +111,20 @@ fn forward_seconds(model: &Model<'_>, host: &HostAdapter, x: &[f32]) -> f64 {
 }
 
 /// Seconds per step of a short zeroth-order run (median of three runs).
-fn step_seconds(model: &Model<'_>, host: &HostAdapter, a: &FinetuneArgs, x: &[npy::Array], y: &[i64]) -> (f64, u32) {
-    let cfg = ZoConfig { seed: a.seed, lr: a.lr, eps: a.eps, clip: a.clip, ..ZoConfig::default() };
+fn step_seconds(
+    model: &Model<'_>,
+    host: &HostAdapter,
+    a: &FinetuneArgs,
+    x: &[npy::Array],
+    y: &[i64],
+) -> (f64, u32) {
+    let cfg = ZoConfig {
+        seed: a.seed,
+        lr: a.lr,
+        eps: a.eps,
+        clip: a.clip,
+        ..ZoConfig::default()
+    };
     let mut runs: Vec<(f64, u32)> = (0..3)
         .map(|_| {
             let mut h = host.clone();
@@ -113,8 +140,14 @@ fn main() {
     let xa = npy::read(&digits("x_train.npy")).unwrap();
     let x = xa.to_f32();
     let y = npy::read(&digits("y_train.npy")).unwrap().to_i64();
-    println!("Zeroth-order step vs one forward pass, batch {BATCH}, {STEPS} steps, kernels {:?}", Kernels::best());
-    println!("{:<10} {:<8} {:<26} {:>10} {:>10} {:>12} {:>9}", "model", "weights", "trainables", "values", "fwd ms", "step ms", "step/fwd");
+    println!(
+        "Zeroth-order step vs one forward pass, batch {BATCH}, {STEPS} steps, kernels {:?}",
+        Kernels::best()
+    );
+    println!(
+        "{:<10} {:<8} {:<26} {:>10} {:>10} {:>12} {:>9}",
+        "model", "weights", "trainables", "values", "fwd ms", "step ms", "step/fwd"
+    );
     let cases = [
         ("mlp.onnx", true, "bias,scales"),
         ("cnn.onnx", true, "bias,scales"),
@@ -129,18 +162,41 @@ fn main() {
         let (entries, values) = build_entries(&m, trainable, "*", 1).unwrap();
         let host = HostAdapter::new(&m, entries, values);
         let fwd = forward_seconds(&m, &host, &x);
-        let (step, _) = step_seconds(&m, &host, &args(trainable, true), std::slice::from_ref(&xa), &y);
+        let (step, _) = step_seconds(
+            &m,
+            &host,
+            &args(trainable, true),
+            std::slice::from_ref(&xa),
+            &y,
+        );
         let name = file.trim_end_matches(".onnx");
         let w = if ternary { "ternary" } else { "f32" };
-        println!("{name:<10} {w:<8} {trainable:<26} {:>10} {:>10.3} {:>12.3} {:>9.2}", host.values.len(), fwd * 1e3, step * 1e3, step / fwd);
+        println!(
+            "{name:<10} {w:<8} {trainable:<26} {:>10} {:>10.3} {:>12.3} {:>9.2}",
+            host.values.len(),
+            fwd * 1e3,
+            step * 1e3,
+            step / fwd
+        );
     }
     println!("\nPrefix caching: only the tail trains, the frozen prefix runs once per minibatch.");
-    println!("{:<10} {:<26} {:>8} {:>14} {:>14} {:>9}", "model", "trainables", "prefix", "step ms (off)", "step ms (on)", "speed-up");
-    for (file, trainable) in [("cnn.onnx", "head"), ("mlp.onnx", "head"), ("cnn.onnx", "lora:r=4")] {
+    println!(
+        "{:<10} {:<26} {:>8} {:>14} {:>14} {:>9}",
+        "model", "trainables", "prefix", "step ms (off)", "step ms (on)", "speed-up"
+    );
+    for (file, trainable) in [
+        ("cnn.onnx", "head"),
+        ("mlp.onnx", "head"),
+        ("cnn.onnx", "lora:r=4"),
+    ] {
         let bytes = model(file, false);
         let ab = AlignedBytes::from(&bytes[..]);
         let m = Model::from_bytes(ab.as_bytes()).unwrap();
-        let targets = if trainable.starts_with("lora") { "*Gemm*" } else { "*" };
+        let targets = if trainable.starts_with("lora") {
+            "*Gemm*"
+        } else {
+            "*"
+        };
         let (entries, values) = build_entries(&m, trainable, targets, 1).unwrap();
         let host = HostAdapter::new(&m, entries, values);
         let mut off_args = args(trainable, false);
@@ -149,7 +205,18 @@ fn main() {
         on_args.lora_targets = targets.into();
         let (off, _) = step_seconds(&m, &host, &off_args, std::slice::from_ref(&xa), &y);
         let (on, prefix) = step_seconds(&m, &host, &on_args, std::slice::from_ref(&xa), &y);
-        let what = if trainable.starts_with("lora") { "lora:r=4 on dense layers" } else { trainable };
-        println!("{:<10} {what:<26} {:>8} {:>14.3} {:>14.3} {:>9.2}", file.trim_end_matches(".onnx"), format!("{prefix}/{}", m.op_count()), off * 1e3, on * 1e3, off / on);
+        let what = if trainable.starts_with("lora") {
+            "lora:r=4 on dense layers"
+        } else {
+            trainable
+        };
+        println!(
+            "{:<10} {what:<26} {:>8} {:>14.3} {:>14.3} {:>9.2}",
+            file.trim_end_matches(".onnx"),
+            format!("{prefix}/{}", m.op_count()),
+            off * 1e3,
+            on * 1e3,
+            off / on
+        );
     }
 }

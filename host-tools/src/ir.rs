@@ -351,20 +351,52 @@ impl Graph {
                 }
                 Storage::Const => {
                     let bytes = m.const_bytes(id);
-                    let (n, k) = (shape.first().copied().unwrap_or(1), shape.get(1).copied().unwrap_or(1));
+                    let (n, k) = (
+                        shape.first().copied().unwrap_or(1),
+                        shape.get(1).copied().unwrap_or(1),
+                    );
                     let value = match (t.meta.encoding, t.meta.dtype) {
-                        (Encoding::Plain, DType::F32) => ConstData::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()),
-                        (Encoding::Plain, DType::I64) => ConstData::I64(bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
-                        (Encoding::Plain, DType::I32) => ConstData::I32(bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()),
-                        (Encoding::Plain, DType::F16) => anyhow::bail!("{}: f16 constants are not supported", t.name),
+                        (Encoding::Plain, DType::F32) => ConstData::F32(
+                            bytes
+                                .chunks_exact(4)
+                                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                                .collect(),
+                        ),
+                        (Encoding::Plain, DType::I64) => ConstData::I64(
+                            bytes
+                                .chunks_exact(8)
+                                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                                .collect(),
+                        ),
+                        (Encoding::Plain, DType::I32) => ConstData::I32(
+                            bytes
+                                .chunks_exact(4)
+                                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                                .collect(),
+                        ),
+                        (Encoding::Plain, DType::F16) => {
+                            anyhow::bail!("{}: f16 constants are not supported", t.name)
+                        }
                         (Encoding::Plain, _) => ConstData::Bytes(bytes.to_vec()),
                         (Encoding::PanelF32, _) => {
                             let panel = edgetune_core::PANEL;
-                            let f = |i: usize| f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
-                            ConstData::F32((0..n * k).map(|i| f(((i / k / panel * k + i % k) * panel) + (i / k) % panel)).collect())
+                            let f = |i: usize| {
+                                f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap())
+                            };
+                            ConstData::F32(
+                                (0..n * k)
+                                    .map(|i| {
+                                        f(((i / k / panel * k + i % k) * panel) + (i / k) % panel)
+                                    })
+                                    .collect(),
+                            )
                         }
                         (e, _) => {
-                            let enc = edgetune_quant::encode::Encoded { encoding: e, bytes: bytes.to_vec(), params: t.params };
+                            let enc = edgetune_quant::encode::Encoded {
+                                encoding: e,
+                                bytes: bytes.to_vec(),
+                                params: t.params,
+                            };
                             ConstData::F32(edgetune_quant::encode::decode(&enc, n, k)?)
                         }
                     };
@@ -372,17 +404,37 @@ impl Graph {
                     match t.meta.encoding {
                         Encoding::Plain => {}
                         Encoding::PanelF32 => g.tensors[c].encoding = Encoding::PanelF32,
-                        e => g.tensors[c].encoded = Some(Encoded { encoding: e, bytes: bytes.to_vec(), params: t.params }),
+                        e => {
+                            g.tensors[c].encoded = Some(Encoded {
+                                encoding: e,
+                                bytes: bytes.to_vec(),
+                                params: t.params,
+                            })
+                        }
                     }
                 }
             }
         }
         for op in m.ops() {
-            g.nodes.push(Node { name: op.name.to_string(), op: op.op, inputs: op.inputs().map(|i| i as usize).collect(), output: op.output(0) as usize });
+            g.nodes.push(Node {
+                name: op.name.to_string(),
+                op: op.op,
+                inputs: op.inputs().map(|i| i as usize).collect(),
+                output: op.output(0) as usize,
+            });
         }
-        g.inputs = m.inputs().map(|io| (io.name.to_string(), io.tensor as usize)).collect();
-        g.outputs = m.outputs().map(|io| (io.name.to_string(), io.tensor as usize)).collect();
-        g.meta = m.meta_entries().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        g.inputs = m
+            .inputs()
+            .map(|io| (io.name.to_string(), io.tensor as usize))
+            .collect();
+        g.outputs = m
+            .outputs()
+            .map(|io| (io.name.to_string(), io.tensor as usize))
+            .collect();
+        g.meta = m
+            .meta_entries()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Ok(g)
     }
 }

@@ -10,7 +10,7 @@ pub mod metrics;
 pub mod model_file;
 pub mod npy;
 pub mod pack;
-pub mod plot;
 pub mod passes;
+pub mod plot;
 pub mod runner;
 pub mod zolog;

@@ -279,7 +279,12 @@ pub fn pack_with(g: &Graph, resumable_from: Option<usize>) -> Result<(Vec<u8>, P
             .sum();
         lower_bound = lower_bound.max(sum);
     }
-    let mut meta: Vec<(String, String)> = g.meta.iter().filter(|(k, _)| k != RESUMABLE_FROM).cloned().collect();
+    let mut meta: Vec<(String, String)> = g
+        .meta
+        .iter()
+        .filter(|(k, _)| k != RESUMABLE_FROM)
+        .cloned()
+        .collect();
     if let Some(k) = resumable_from {
         meta.push((RESUMABLE_FROM.into(), k.to_string()));
     }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use edgetune_core::adapter::{Entry, EntryKind};
-use edgetune_runtime::adapter::lora_workspace;
 use edgetune_core::{DType, Model};
-use edgetune_runtime::kernels::Kernels;
+use edgetune_runtime::adapter::lora_workspace;
 use edgetune_runtime::adapter::Adapter;
+use edgetune_runtime::kernels::Kernels;
 use edgetune_runtime::Session;
 use tract_onnx::prelude::*;
 
@@ -89,12 +89,20 @@ impl Ours {
     }
 
     /// [`Ours::run`] with an adapter applied.
-    pub fn run_adapter(&mut self, inputs: &[Array], adapter: Option<&mut Adapter<'_>>) -> Result<Vec<Array>> {
+    pub fn run_adapter(
+        &mut self,
+        inputs: &[Array],
+        adapter: Option<&mut Adapter<'_>>,
+    ) -> Result<Vec<Array>> {
         self.run_inner(inputs, adapter, |_, _| {})
     }
 
     /// [`Ours::run`], calling `after(op_index, session)` after every op (calibration).
-    pub fn run_observed(&mut self, inputs: &[Array], after: impl FnMut(u32, &Session<'_, '_>)) -> Result<Vec<Array>> {
+    pub fn run_observed(
+        &mut self,
+        inputs: &[Array],
+        after: impl FnMut(u32, &Session<'_, '_>),
+    ) -> Result<Vec<Array>> {
         self.run_inner(inputs, None, after)
     }
 
@@ -106,7 +114,12 @@ impl Ours {
         Ok(())
     }
 
-    fn run_inner(&mut self, inputs: &[Array], adapter: Option<&mut Adapter<'_>>, mut after: impl FnMut(u32, &Session<'_, '_>)) -> Result<Vec<Array>> {
+    fn run_inner(
+        &mut self,
+        inputs: &[Array],
+        adapter: Option<&mut Adapter<'_>>,
+        mut after: impl FnMut(u32, &Session<'_, '_>),
+    ) -> Result<Vec<Array>> {
         // SAFETY: as in `model`.
         let model = unsafe { Model::from_validated_bytes(self.bytes.as_bytes()) };
         let mut s = Session::with_kernels(&model, self.arena.as_bytes_mut(), self.kernels)?;
@@ -155,14 +168,24 @@ pub struct HostAdapter {
 impl HostAdapter {
     /// Builds from entries and values for `model`.
     pub fn new(model: &Model<'_>, entries: Vec<Entry>, values: Vec<f32>) -> HostAdapter {
-        let work_len = entries.iter().filter(|e| e.kind == EntryKind::LoraA).map(|e| lora_workspace(model, e.op, e.rank)).max().unwrap_or(0);
-        HostAdapter { entries, values, work: vec![0.0; work_len] }
+        let work_len = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::LoraA)
+            .map(|e| lora_workspace(model, e.op, e.rank))
+            .max()
+            .unwrap_or(0);
+        HostAdapter {
+            entries,
+            values,
+            work: vec![0.0; work_len],
+        }
     }
 
     /// Loads a `.eta` file checked against `model`.
     pub fn load(path: &Path, model: &Model<'_>) -> Result<HostAdapter> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let view = edgetune_core::adapter::AdapterView::from_bytes(&bytes, model).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let view = edgetune_core::adapter::AdapterView::from_bytes(&bytes, model)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let entries: Vec<Entry> = (0..view.len()).map(|i| view.entry(i)).collect();
         let values: Vec<f32> = (0..view.value_count()).map(|i| view.value(i)).collect();
         Ok(HostAdapter::new(model, entries, values))
@@ -170,13 +193,17 @@ impl HostAdapter {
 
     /// The runtime view over these buffers.
     pub fn adapter<'a>(&'a mut self, model: &Model<'_>) -> Result<Adapter<'a>> {
-        Adapter::from_parts(model, &self.entries, &mut self.values, &mut self.work).map_err(|e| anyhow!("{e}"))
+        Adapter::from_parts(model, &self.entries, &mut self.values, &mut self.work)
+            .map_err(|e| anyhow!("{e}"))
     }
 
     /// The `.eta` bytes for `model`.
     pub fn to_bytes(&self, model: &Model<'_>) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; edgetune_core::adapter::adapter_len(self.entries.len(), self.values.len())];
-        let n = edgetune_core::adapter::write_adapter(&self.entries, &self.values, model, &mut out).map_err(|e| anyhow!("{e}"))?.len();
+        let mut out =
+            vec![0u8; edgetune_core::adapter::adapter_len(self.entries.len(), self.values.len())];
+        let n = edgetune_core::adapter::write_adapter(&self.entries, &self.values, model, &mut out)
+            .map_err(|e| anyhow!("{e}"))?
+            .len();
         out.truncate(n);
         Ok(out)
     }

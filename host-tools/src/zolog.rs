@@ -91,7 +91,12 @@ impl RunLog {
         let u32v = |s: &[u8]| u32::from_le_bytes(s.try_into().unwrap());
         let f32v = |s: &[u8]| f32::from_le_bytes(s.try_into().unwrap());
         let seed = u64::from_le_bytes(take(8)?.try_into().unwrap());
-        let (lr, eps, wd, clip) = (f32v(take(4)?), f32v(take(4)?), f32v(take(4)?), f32v(take(4)?));
+        let (lr, eps, wd, clip) = (
+            f32v(take(4)?),
+            f32v(take(4)?),
+            f32v(take(4)?),
+            f32v(take(4)?),
+        );
         let directions = u32v(take(4)?);
         if directions == 0 || directions as usize > MAX_DIRECTIONS {
             bail!("run log: {directions} directions per step");
@@ -105,8 +110,16 @@ impl RunLog {
             clip,
             directions,
             one_sided: flags & 1 != 0,
-            rule: if flags & 2 != 0 { Rule::SignSgd } else { Rule::Sgd },
-            perturbation: if flags & 4 != 0 { Perturbation::Rademacher } else { Perturbation::Gaussian },
+            rule: if flags & 2 != 0 {
+                Rule::SignSgd
+            } else {
+                Rule::Sgd
+            },
+            perturbation: if flags & 4 != 0 {
+                Perturbation::Rademacher
+            } else {
+                Perturbation::Gaussian
+            },
         };
         let n = u32v(take(4)?) as usize;
         let initial = take(n)?.to_vec();
@@ -115,10 +128,17 @@ impl RunLog {
         for _ in 0..count {
             let step = u32v(take(4)?);
             let fl = take(1)?[0];
-            let g = (0..directions).map(|_| take(4).map(f32v)).collect::<Result<Vec<_>>>()?;
+            let g = (0..directions)
+                .map(|_| take(4).map(f32v))
+                .collect::<Result<Vec<_>>>()?;
             steps.push(StepEntry { step, flags: fl, g });
         }
-        Ok(RunLog { config, initial, keep_best: flags & 8 != 0, steps })
+        Ok(RunLog {
+            config,
+            initial,
+            keep_best: flags & 8 != 0,
+            steps,
+        })
     }
 }
 
@@ -129,10 +149,26 @@ mod tests {
     #[test]
     fn round_trip_and_truncation() {
         let log = RunLog {
-            config: ZoConfig { seed: 9, directions: 2, one_sided: true, ..ZoConfig::default() },
+            config: ZoConfig {
+                seed: 9,
+                directions: 2,
+                one_sided: true,
+                ..ZoConfig::default()
+            },
             initial: vec![1, 2, 3],
             keep_best: true,
-            steps: vec![StepEntry { step: 0, flags: SNAPSHOT, g: vec![0.5, -1.0] }, StepEntry { step: 1, flags: 0, g: vec![0.0, 2.0] }],
+            steps: vec![
+                StepEntry {
+                    step: 0,
+                    flags: SNAPSHOT,
+                    g: vec![0.5, -1.0],
+                },
+                StepEntry {
+                    step: 1,
+                    flags: 0,
+                    g: vec![0.0, 2.0],
+                },
+            ],
         };
         let b = log.to_bytes();
         assert_eq!(RunLog::parse(&b).unwrap(), log);

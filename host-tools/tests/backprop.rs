@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use edgetune_cli::compress::{compress, KeepEnds, Method, Recipe, Rule};
-use edgetune_cli::finetune::backprop::{identity_values, Backprop, BackpropError, FirstOrderConfig, Optimizer};
+use edgetune_cli::finetune::backprop::{
+    identity_values, Backprop, BackpropError, FirstOrderConfig, Optimizer,
+};
 use edgetune_cli::import::{import, LowerOptions};
 use edgetune_cli::model_file::AlignedBytes;
 use edgetune_cli::npy::{self, Array, ArrayData};
@@ -16,7 +18,9 @@ use edgetune_cli::runner::Ours;
 use edgetune_core::adapter::{Entry, EntryKind};
 use edgetune_core::ops::{self, Conv, Pool};
 use edgetune_core::writer::{ModelFile, OpSpec, TensorSpec};
-use edgetune_core::{ActKind, Activation, BinaryKind, DType, Encoding, Model, Op, Shape, Storage, TensorMeta};
+use edgetune_core::{
+    ActKind, Activation, BinaryKind, DType, Encoding, Model, Op, Shape, Storage, TensorMeta,
+};
 use edgetune_quant::encode::{encode_qblock, QBlockParts};
 use edgetune_runtime::adapter::Adapter;
 
@@ -74,37 +78,90 @@ impl Graph {
 
     fn constant(&mut self, name: &str, dims: &[usize], v: &[f32]) -> u32 {
         assert_eq!(v.len(), shape(dims).numel(), "{name}");
-        self.push(TensorSpec::constant(name, DType::F32, Encoding::Plain, shape(dims), f32_bytes(v)))
+        self.push(TensorSpec::constant(
+            name,
+            DType::F32,
+            Encoding::Plain,
+            shape(dims),
+            f32_bytes(v),
+        ))
     }
 
     fn panel_weight(&mut self, name: &str, n: usize, k: usize, w: &[f32]) -> u32 {
-        self.push(TensorSpec::constant(name, DType::F32, Encoding::PanelF32, shape(&[n, k]), pack_panels(w, n, k)))
+        self.push(TensorSpec::constant(
+            name,
+            DType::F32,
+            Encoding::PanelF32,
+            shape(&[n, k]),
+            pack_panels(w, n, k),
+        ))
     }
 
     /// A block-quantized `[n, k]` weight with random codes, tables and scales.
-    fn qweight(&mut self, name: &str, n: usize, k: usize, bits: usize, group: usize, rows_per_table: usize, rng: &mut Rng) -> u32 {
+    fn qweight(
+        &mut self,
+        name: &str,
+        n: usize,
+        k: usize,
+        bits: usize,
+        group: usize,
+        rows_per_table: usize,
+        rng: &mut Rng,
+    ) -> u32 {
         let codes: Vec<u8> = (0..n * k).map(|_| rng.below(1 << bits) as u8).collect();
         let tables = n.div_ceil(rows_per_table) * (1 << bits);
         let lut = rng.vec(tables, 1.0);
         let groups = k.div_ceil(32) * 32 / group;
-        let scales: Vec<f32> = (0..n * groups).map(|_| 0.2 + 0.3 * rng.uniform().abs()).collect();
-        let e = encode_qblock(&QBlockParts { n, k, bits, group, rows_per_table, int8_activations: false, codes: &codes, tables: &lut, scales: &scales }).unwrap();
-        let mut t = TensorSpec::constant(name, DType::F32, Encoding::QBlock, shape(&[n, k]), e.bytes);
+        let scales: Vec<f32> = (0..n * groups)
+            .map(|_| 0.2 + 0.3 * rng.uniform().abs())
+            .collect();
+        let e = encode_qblock(&QBlockParts {
+            n,
+            k,
+            bits,
+            group,
+            rows_per_table,
+            int8_activations: false,
+            codes: &codes,
+            tables: &lut,
+            scales: &scales,
+        })
+        .unwrap();
+        let mut t =
+            TensorSpec::constant(name, DType::F32, Encoding::QBlock, shape(&[n, k]), e.bytes);
         t.params = e.params;
         self.push(t)
     }
 
     fn meta_of(&self, id: u32) -> TensorMeta {
         let t = &self.f.tensors[id as usize];
-        TensorMeta { params: t.params, dtype: t.dtype, encoding: t.encoding, shape: t.shape, storage: t.storage }
+        TensorMeta {
+            params: t.params,
+            dtype: t.dtype,
+            encoding: t.encoding,
+            shape: t.shape,
+            storage: t.storage,
+        }
     }
 
     fn op(&mut self, name: &str, op: Op, inputs: &[u32], out_dims: &[usize]) -> u32 {
         let y = self.push(TensorSpec::arena(name, DType::F32, shape(out_dims)));
         let metas: Vec<TensorMeta> = inputs.iter().map(|&i| self.meta_of(i)).collect();
         let need = ops::scratch_bytes(&op, &metas);
-        let scratch = (need > 0).then(|| self.push(TensorSpec::arena(format!("{name}.scratch"), DType::F32, shape(&[need.div_ceil(4) as usize]))));
-        self.f.ops.push(OpSpec { op, inputs: inputs.to_vec(), outputs: vec![y], scratch, name: name.into() });
+        let scratch = (need > 0).then(|| {
+            self.push(TensorSpec::arena(
+                format!("{name}.scratch"),
+                DType::F32,
+                shape(&[need.div_ceil(4) as usize]),
+            ))
+        });
+        self.f.ops.push(OpSpec {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: vec![y],
+            scratch,
+            name: name.into(),
+        });
         y
     }
 
@@ -152,8 +209,18 @@ impl Graph {
             }
             let l = live[id].unwrap_or_else(|| panic!("{} never written", t.name));
             t.live = l;
-            let clash = |off: u64| placed.iter().any(|&(o, len, (a, b))| a <= l.1 && l.0 <= b && off < o + len && o < off + t.arena_len);
-            let mut cands: Vec<u64> = std::iter::once(0).chain(placed.iter().map(|&(o, len, _)| (o + len).div_ceil(16) * 16)).collect();
+            let clash = |off: u64| {
+                placed.iter().any(|&(o, len, (a, b))| {
+                    a <= l.1 && l.0 <= b && off < o + len && o < off + t.arena_len
+                })
+            };
+            let mut cands: Vec<u64> = std::iter::once(0)
+                .chain(
+                    placed
+                        .iter()
+                        .map(|&(o, len, _)| (o + len).div_ceil(16) * 16),
+                )
+                .collect();
             cands.sort_unstable();
             let off = cands.into_iter().find(|&o| !clash(o)).unwrap();
             t.arena_offset = off;
@@ -163,7 +230,10 @@ impl Graph {
         // Aliases copy their owner's placement.
         for id in 0..f.tensors.len() {
             if let Some(r) = f.tensors[id].alias_of {
-                let (off, l) = (f.tensors[r as usize].arena_offset, f.tensors[r as usize].live);
+                let (off, l) = (
+                    f.tensors[r as usize].arena_offset,
+                    f.tensors[r as usize].live,
+                );
                 f.tensors[id].arena_offset = off;
                 f.tensors[id].live = l;
             }
@@ -177,8 +247,24 @@ fn act(kind: ActKind, a: f32, b: f32) -> Activation {
     Activation { kind, a, b }
 }
 
-fn conv(kernel: u32, stride: u32, pad: u32, dilation: u32, groups: u32, act: Activation, col_tile: u32) -> Op {
-    Op::Conv(Conv { kernel: [kernel; 2], stride: [stride; 2], pads: [pad; 4], dilation: [dilation; 2], groups, act, col_tile })
+fn conv(
+    kernel: u32,
+    stride: u32,
+    pad: u32,
+    dilation: u32,
+    groups: u32,
+    act: Activation,
+    col_tile: u32,
+) -> Op {
+    Op::Conv(Conv {
+        kernel: [kernel; 2],
+        stride: [stride; 2],
+        pads: [pad; 4],
+        dilation: [dilation; 2],
+        groups,
+        act,
+        col_tile,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,15 +279,43 @@ fn model_dense() -> Vec<u8> {
     let x = g.input("x", &[4, 40]);
     let w1 = g.qweight("d1.w", 48, 40, 3, 32, 16, &mut r);
     let b1 = g.constant("d1.b", &[48], &r.vec(48, 0.2));
-    let d1 = g.op("d1", Op::Dense(ops::Dense { act: act(ActKind::Tanh, 0.0, 0.0) }), &[x, w1, b1], &[4, 48]);
+    let d1 = g.op(
+        "d1",
+        Op::Dense(ops::Dense {
+            act: act(ActKind::Tanh, 0.0, 0.0),
+        }),
+        &[x, w1, b1],
+        &[4, 48],
+    );
     let gamma: Vec<f32> = (0..48).map(|_| 1.0 + 0.2 * r.uniform()).collect();
     let gm = g.constant("ln.g", &[48], &gamma);
     let bt = g.constant("ln.b", &[48], &r.vec(48, 0.1));
-    let ln = g.op("ln", Op::LayerNorm { axis: 1, eps: 1e-5, rms: false }, &[d1, gm, bt], &[4, 48]);
+    let ln = g.op(
+        "ln",
+        Op::LayerNorm {
+            axis: 1,
+            eps: 1e-5,
+            rms: false,
+        },
+        &[d1, gm, bt],
+        &[4, 48],
+    );
     let w2 = r.vec(32 * 48, 0.3);
     let w2 = g.panel_weight("d2.w", 32, 48, &w2);
-    let d2 = g.op("d2", Op::Dense(ops::Dense { act: act(ActKind::Gelu, 0.0, 0.0) }), &[ln, w2], &[4, 32]);
-    let hs = g.op("hswish", Op::Unary(act(ActKind::HardSwish, 1.0 / 6.0, 0.5)), &[d2], &[4, 32]);
+    let d2 = g.op(
+        "d2",
+        Op::Dense(ops::Dense {
+            act: act(ActKind::Gelu, 0.0, 0.0),
+        }),
+        &[ln, w2],
+        &[4, 32],
+    );
+    let hs = g.op(
+        "hswish",
+        Op::Unary(act(ActKind::HardSwish, 1.0 / 6.0, 0.5)),
+        &[d2],
+        &[4, 32],
+    );
     let c1 = g.constant("c1", &[1, 32], &r.vec(32, 1.5));
     let m = g.op("mul", Op::Binary(BinaryKind::Mul), &[hs, c1], &[4, 32]);
     let a = g.op("add", Op::Binary(BinaryKind::Add), &[m, d2], &[4, 32]);
@@ -211,11 +325,23 @@ fn model_dense() -> Vec<u8> {
     let sm = g.op("softmax", Op::Softmax { axis: 2 }, &[rs], &[4, 2, 16]);
     let flat = g.alias("flat", sm, &[4, 32]);
     let eight = g.constant("eight", &[1], &[8.0]);
-    let sc = g.op("scale", Op::Binary(BinaryKind::Mul), &[flat, eight], &[4, 32]);
+    let sc = g.op(
+        "scale",
+        Op::Binary(BinaryKind::Mul),
+        &[flat, eight],
+        &[4, 32],
+    );
     let w3 = r.vec(10 * 32, 0.5);
     let w3 = g.constant("d3.w", &[10, 32], &w3);
     let b3 = g.constant("d3.b", &[10], &r.vec(10, 0.1));
-    let d3 = g.op("d3", Op::Dense(ops::Dense { act: Activation::NONE }), &[sc, w3, b3], &[4, 10]);
+    let d3 = g.op(
+        "d3",
+        Op::Dense(ops::Dense {
+            act: Activation::NONE,
+        }),
+        &[sc, w3, b3],
+        &[4, 10],
+    );
     g.output("logits", d3);
     g.finish()
 }
@@ -232,25 +358,91 @@ fn model_conv(smooth: bool) -> Vec<u8> {
     let x = g.input("x", &[2, 3, 7, 7]);
     let w1 = g.qweight("c1.w", 8, 27, 4, 32, 8, &mut r);
     let b1 = g.constant("c1.b", &[8], &r.vec(8, 0.2));
-    let a1 = if smooth { act(ActKind::Tanh, 0.0, 0.0) } else { act(ActKind::LeakyRelu, 0.1, 0.0) };
-    let a2 = if smooth { act(ActKind::Tanh, 0.0, 0.0) } else { act(ActKind::Clip, -1.0, 2.0) };
-    let c1 = g.op("c1", conv(3, 1, 1, 1, 1, a1, 10), &[x, w1, b1], &[2, 8, 7, 7]);
+    let a1 = if smooth {
+        act(ActKind::Tanh, 0.0, 0.0)
+    } else {
+        act(ActKind::LeakyRelu, 0.1, 0.0)
+    };
+    let a2 = if smooth {
+        act(ActKind::Tanh, 0.0, 0.0)
+    } else {
+        act(ActKind::Clip, -1.0, 2.0)
+    };
+    let c1 = g.op(
+        "c1",
+        conv(3, 1, 1, 1, 1, a1, 10),
+        &[x, w1, b1],
+        &[2, 8, 7, 7],
+    );
     let w2 = g.constant("c2.w", &[8, 9], &r.vec(72, 0.5));
     let b2 = g.constant("c2.b", &[8], &r.vec(8, 0.2));
-    let c2 = g.op("c2", conv(3, 2, 2, 2, 8, a2, 0), &[c1, w2, b2], &[2, 8, 4, 4]);
-    let p1 = g.op("p1", Op::Pool(Pool { max: !smooth, kernel: [2, 2], stride: [1, 1], pads: [0; 4], count_include_pad: false }), &[c2], &[2, 8, 3, 3]);
+    let c2 = g.op(
+        "c2",
+        conv(3, 2, 2, 2, 8, a2, 0),
+        &[c1, w2, b2],
+        &[2, 8, 4, 4],
+    );
+    let p1 = g.op(
+        "p1",
+        Op::Pool(Pool {
+            max: !smooth,
+            kernel: [2, 2],
+            stride: [1, 1],
+            pads: [0; 4],
+            count_include_pad: false,
+        }),
+        &[c2],
+        &[2, 8, 3, 3],
+    );
     let w3 = r.vec(12 * 8, 0.6);
     let w3 = g.panel_weight("c3.w", 12, 8, &w3);
-    let c3 = g.op("c3", conv(1, 1, 0, 1, 1, act(ActKind::Sigmoid, 0.0, 0.0), 0), &[p1, w3], &[2, 12, 3, 3]);
-    let p2 = g.op("p2", Op::Pool(Pool { max: false, kernel: [3, 3], stride: [2, 2], pads: [1; 4], count_include_pad: true }), &[c3], &[2, 12, 2, 2]);
+    let c3 = g.op(
+        "c3",
+        conv(1, 1, 0, 1, 1, act(ActKind::Sigmoid, 0.0, 0.0), 0),
+        &[p1, w3],
+        &[2, 12, 3, 3],
+    );
+    let p2 = g.op(
+        "p2",
+        Op::Pool(Pool {
+            max: false,
+            kernel: [3, 3],
+            stride: [2, 2],
+            pads: [1; 4],
+            count_include_pad: true,
+        }),
+        &[c3],
+        &[2, 12, 2, 2],
+    );
     let w4 = g.constant("c4.w", &[6, 24], &r.vec(6 * 24, 0.8));
     let b4 = g.constant("c4.b", &[6], &r.vec(6, 0.2));
-    let c4 = g.op("c4", conv(2, 1, 0, 1, 2, act(ActKind::Tanh, 0.0, 0.0), 0), &[p2, w4, b4], &[2, 6, 1, 1]);
+    let c4 = g.op(
+        "c4",
+        conv(2, 1, 0, 1, 2, act(ActKind::Tanh, 0.0, 0.0), 0),
+        &[p2, w4, b4],
+        &[2, 6, 1, 1],
+    );
     let flat = g.alias("flat", c4, &[2, 6]);
-    let rn = g.op("rms", Op::LayerNorm { axis: 1, eps: 1e-5, rms: true }, &[flat], &[2, 6]);
+    let rn = g.op(
+        "rms",
+        Op::LayerNorm {
+            axis: 1,
+            eps: 1e-5,
+            rms: true,
+        },
+        &[flat],
+        &[2, 6],
+    );
     let w5 = g.qweight("d.w", 5, 6, 2, 32, 5, &mut r);
     let b5 = g.constant("d.b", &[5], &r.vec(5, 0.2));
-    let d = g.op("d", Op::Dense(ops::Dense { act: Activation::NONE }), &[rn, w5, b5], &[2, 5]);
+    let d = g.op(
+        "d",
+        Op::Dense(ops::Dense {
+            act: Activation::NONE,
+        }),
+        &[rn, w5, b5],
+        &[2, 5],
+    );
     g.output("logits", d);
     g.finish()
 }
@@ -262,7 +454,8 @@ fn adapter(model: &Model<'_>, spec: &[(EntryKind, u32, u16)], seed: u64) -> (Vec
     let mut work = vec![0.0f32; 1 << 16];
     let mut a = Adapter::empty(&mut values, &mut work);
     for &(kind, op, rank) in spec {
-        a.add(model, kind, op, rank, 2.0 * rank.max(1) as f32, |_| 0.0).unwrap_or_else(|e| panic!("{kind:?} on op {op}: {e}"));
+        a.add(model, kind, op, rank, 2.0 * rank.max(1) as f32, |_| 0.0)
+            .unwrap_or_else(|e| panic!("{kind:?} on op {op}: {e}"));
     }
     let entries = a.entries().to_vec();
     let mut v = identity_values(model, &entries, seed).unwrap();
@@ -273,7 +466,9 @@ fn adapter(model: &Model<'_>, spec: &[(EntryKind, u32, u16)], seed: u64) -> (Vec
             EntryKind::LoraB => 0.3,
             _ => 0.05,
         };
-        v[e.range()].iter_mut().for_each(|x| *x += scale * r.uniform());
+        v[e.range()]
+            .iter_mut()
+            .for_each(|x| *x += scale * r.uniform());
     }
     (entries, v)
 }
@@ -291,29 +486,56 @@ struct CheckStats {
 
 /// Central finite differences (loss in f64, step 1e-2) against the backward pass, on up to
 /// `per_entry` coordinates of each entry.
-fn grad_check(bytes: &[u8], spec: &[(EntryKind, u32, u16)], per_entry: usize, seed: u64) -> BTreeMap<&'static str, CheckStats> {
+fn grad_check(
+    bytes: &[u8],
+    spec: &[(EntryKind, u32, u16)],
+    per_entry: usize,
+    seed: u64,
+) -> BTreeMap<&'static str, CheckStats> {
     let aligned = AlignedBytes::from(bytes);
     let model = Model::from_bytes(aligned.as_bytes()).unwrap();
     let (entries, values) = adapter(&model, spec, seed);
     let mut bp = Backprop::new(model, &entries).unwrap();
-    let input = model.tensor(model.input(0).unwrap().tensor).meta.shape.numel();
+    let input = model
+        .tensor(model.input(0).unwrap().tensor)
+        .meta
+        .shape
+        .numel();
     let mut r = Rng(seed);
     let x = r.vec(input, 1.0);
-    let labels: Vec<i64> = (0..bp.batch()).map(|_| r.below(bp.classes()) as i64).collect();
+    let labels: Vec<i64> = (0..bp.batch())
+        .map(|_| r.below(bp.classes()) as i64)
+        .collect();
     let mut grad = vec![0.0f32; values.len()];
     let loss = bp.loss_and_grad(&x, &labels, &values, &mut grad).unwrap();
     // The loss matches the runtime's definition.
     let logits = bp.forward(&x, &values).unwrap().to_vec();
-    let ce = edgetune_runtime::train::cross_entropy(&logits, bp.classes(), labels.iter().map(|&l| l as usize));
-    assert!((ce as f64 - loss).abs() < 1e-5 * loss.max(1.0), "loss {loss} vs runtime's {ce}");
+    let ce = edgetune_runtime::train::cross_entropy(
+        &logits,
+        bp.classes(),
+        labels.iter().map(|&l| l as usize),
+    );
+    assert!(
+        (ce as f64 - loss).abs() < 1e-5 * loss.max(1.0),
+        "loss {loss} vs runtime's {ce}"
+    );
     let h = 1e-2f32;
     let mut out = BTreeMap::new();
     for e in &entries {
         let range = e.range();
         let n = range.len();
-        let picks: Vec<usize> = if n <= per_entry { (0..n).collect() } else { (0..per_entry).map(|j| j * n / per_entry + r.below(n / per_entry)).collect() };
+        let picks: Vec<usize> = if n <= per_entry {
+            (0..n).collect()
+        } else {
+            (0..per_entry)
+                .map(|j| j * n / per_entry + r.below(n / per_entry))
+                .collect()
+        };
         let (mut d2, mut f2, mut g2) = (0.0f64, 0.0f64, 0.0f64);
-        let gmax = picks.iter().map(|&j| grad[range.start + j].abs() as f64).fold(0.0, f64::max);
+        let gmax = picks
+            .iter()
+            .map(|&j| grad[range.start + j].abs() as f64)
+            .fold(0.0, f64::max);
         let mut rel_max = 0.0f64;
         let mut close = 0;
         for &j in &picks {
@@ -356,8 +578,16 @@ fn print_stats(name: &str, stats: &BTreeMap<&'static str, CheckStats>) {
 fn assert_exact(name: &str, stats: &BTreeMap<&'static str, CheckStats>) {
     print_stats(name, stats);
     for (kind, s) in stats {
-        assert!(s.rel_norm < 1e-2, "{name}: {kind}: relative error {:.3e}", s.rel_norm);
-        assert!(s.rel_max < 5e-2, "{name}: {kind}: worst coordinate relative error {:.3e}", s.rel_max);
+        assert!(
+            s.rel_norm < 1e-2,
+            "{name}: {kind}: relative error {:.3e}",
+            s.rel_norm
+        );
+        assert!(
+            s.rel_max < 5e-2,
+            "{name}: {kind}: worst coordinate relative error {:.3e}",
+            s.rel_max
+        );
     }
 }
 
@@ -366,8 +596,17 @@ fn assert_exact(name: &str, stats: &BTreeMap<&'static str, CheckStats>) {
 fn assert_mostly(name: &str, stats: &BTreeMap<&'static str, CheckStats>) {
     print_stats(name, stats);
     for (kind, s) in stats {
-        assert!(s.close * 10 >= s.checked * 8, "{name}: {kind}: {} of {} coordinates within 5%", s.close, s.checked);
-        assert!(s.rel_norm < 0.25, "{name}: {kind}: relative error {:.3e}", s.rel_norm);
+        assert!(
+            s.close * 10 >= s.checked * 8,
+            "{name}: {kind}: {} of {} coordinates within 5%",
+            s.close,
+            s.checked
+        );
+        assert!(
+            s.rel_norm < 0.25,
+            "{name}: {kind}: relative error {:.3e}",
+            s.rel_norm
+        );
     }
 }
 
@@ -422,9 +661,17 @@ fn gradients_match_finite_differences() {
     // factor of the first layer moves every activation, so nearly every difference straddles a
     // kink): their gradients flow back through leaky relu, clip and max pool.
     let kinked = model_conv(false);
-    let per_channel: Vec<_> = without_head.iter().copied().filter(|s| matches!(s.0, Bias | LogScale | NormGain | NormBias)).collect();
-    assert_mostly("conv model (leaky relu, clip, max pool)", &grad_check(&kinked, &per_channel, 40, 2));
-    let kinds: std::collections::BTreeSet<_> = s1.keys().chain(s2.keys()).chain(s3.keys()).collect();
+    let per_channel: Vec<_> = without_head
+        .iter()
+        .copied()
+        .filter(|s| matches!(s.0, Bias | LogScale | NormGain | NormBias))
+        .collect();
+    assert_mostly(
+        "conv model (leaky relu, clip, max pool)",
+        &grad_check(&kinked, &per_channel, 40, 2),
+    );
+    let kinds: std::collections::BTreeSet<_> =
+        s1.keys().chain(s2.keys()).chain(s3.keys()).collect();
     assert_eq!(kinds.len(), 8, "every entry kind checked: {kinds:?}");
 }
 
@@ -433,21 +680,41 @@ fn ours(bytes: &[u8]) -> Ours {
 }
 
 fn run_ours(o: &mut Ours, dims: &[usize], x: &[f32]) -> Vec<f32> {
-    let out = o.run(&[Array { shape: dims.to_vec(), data: ArrayData::F32(x.to_vec()) }]).unwrap();
+    let out = o
+        .run(&[Array {
+            shape: dims.to_vec(),
+            data: ArrayData::F32(x.to_vec()),
+        }])
+        .unwrap();
     out[0].to_f32()
 }
 
 #[test]
 fn forward_matches_the_runtime_on_test_models() {
-    for (name, bytes) in [("dense", model_dense()), ("conv", model_conv(false)), ("smooth conv", model_conv(true))] {
+    for (name, bytes) in [
+        ("dense", model_dense()),
+        ("conv", model_conv(false)),
+        ("smooth conv", model_conv(true)),
+    ] {
         let aligned = AlignedBytes::from(&bytes[..]);
         let model = Model::from_bytes(aligned.as_bytes()).unwrap();
-        let dims: Vec<usize> = model.tensor(model.input(0).unwrap().tensor).meta.shape.dims().iter().map(|&d| d as usize).collect();
+        let dims: Vec<usize> = model
+            .tensor(model.input(0).unwrap().tensor)
+            .meta
+            .shape
+            .dims()
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
         let x = Rng(5).vec(dims.iter().product(), 1.0);
         let mut bp = Backprop::new(model, &[]).unwrap();
         let mine = bp.forward(&x, &[]).unwrap().to_vec();
         let theirs = run_ours(&mut ours(&bytes), &dims, &x);
-        let diff = mine.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         println!("{name} model: forward vs runtime max |diff| {diff:.2e}");
         assert!(diff < 1e-5, "{name}: {diff}");
     }
@@ -459,24 +726,73 @@ fn forward_with_adapters_matches_the_runtime() {
     // The runtime applies log-scales of one-scale-per-row weights after the fast kernel, and
     // other overrides through the reference kernel: both must agree with the trainer's forward.
     let cases: [(&str, Vec<u8>, Vec<(EntryKind, u32, u16)>); 3] = [
-        ("dense (grouped scales, tables, LoRA)", model_dense(), vec![(Bias, 0, 0), (LogScale, 0, 0), (Centroids, 0, 0), (LoraA, 0, 3), (LoraB, 0, 3), (Bias, 2, 0), (LoraA, 2, 2), (LoraB, 2, 2)]),
-        ("conv (row scales, LoRA)", model_conv(false), vec![(Bias, 0, 0), (LogScale, 0, 0), (LoraA, 0, 2), (LoraB, 0, 2), (LogScale, 7, 0), (Bias, 7, 0)]),
-        ("conv (row scales and tables)", model_conv(true), vec![(LogScale, 0, 0), (Centroids, 0, 0), (Bias, 3, 0), (LoraA, 3, 2), (LoraB, 3, 2)]),
+        (
+            "dense (grouped scales, tables, LoRA)",
+            model_dense(),
+            vec![
+                (Bias, 0, 0),
+                (LogScale, 0, 0),
+                (Centroids, 0, 0),
+                (LoraA, 0, 3),
+                (LoraB, 0, 3),
+                (Bias, 2, 0),
+                (LoraA, 2, 2),
+                (LoraB, 2, 2),
+            ],
+        ),
+        (
+            "conv (row scales, LoRA)",
+            model_conv(false),
+            vec![
+                (Bias, 0, 0),
+                (LogScale, 0, 0),
+                (LoraA, 0, 2),
+                (LoraB, 0, 2),
+                (LogScale, 7, 0),
+                (Bias, 7, 0),
+            ],
+        ),
+        (
+            "conv (row scales and tables)",
+            model_conv(true),
+            vec![
+                (LogScale, 0, 0),
+                (Centroids, 0, 0),
+                (Bias, 3, 0),
+                (LoraA, 3, 2),
+                (LoraB, 3, 2),
+            ],
+        ),
     ];
     for (name, bytes, spec) in cases {
         let aligned = AlignedBytes::from(&bytes[..]);
         let model = Model::from_bytes(aligned.as_bytes()).unwrap();
         let (entries, values) = adapter(&model, &spec, 4);
-        let dims: Vec<usize> = model.tensor(model.input(0).unwrap().tensor).meta.shape.dims().iter().map(|&d| d as usize).collect();
+        let dims: Vec<usize> = model
+            .tensor(model.input(0).unwrap().tensor)
+            .meta
+            .shape
+            .dims()
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
         let x = Rng(6).vec(dims.iter().product(), 1.0);
         let mut bp = Backprop::new(model, &entries).unwrap();
         let mine = bp.forward(&x, &values).unwrap().to_vec();
         let mut rt = ours(&bytes);
-        rt.adapter = Some(edgetune_cli::runner::HostAdapter::new(&model, entries, values));
+        rt.adapter = Some(edgetune_cli::runner::HostAdapter::new(
+            &model, entries, values,
+        ));
         let theirs = run_ours(&mut rt, &dims, &x);
-        let diff = mine.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         let scale = mine.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        println!("{name}: adapted forward vs runtime max |diff| {diff:.2e} (outputs up to {scale:.2})");
+        println!(
+            "{name}: adapted forward vs runtime max |diff| {diff:.2e} (outputs up to {scale:.2})"
+        );
         assert!(diff < 1e-5 * scale.max(1.0), "{name}: {diff}");
     }
 }
@@ -517,9 +833,17 @@ fn forward_matches_the_runtime_on_digits() {
             let xb = &x[b * per..(b + 1) * per];
             let mine = bp.forward(xb, &[]).unwrap().to_vec();
             let theirs = run_ours(&mut rt, &[8, 1, 8, 8], xb);
-            worst = mine.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+            worst = mine
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(worst, f32::max);
         }
-        println!("digits {file} ({}): forward vs runtime max |diff| {worst:.2e} over {} batches", ops.join(" "), x.len() / per);
+        println!(
+            "digits {file} ({}): forward vs runtime max |diff| {worst:.2e} over {} batches",
+            ops.join(" "),
+            x.len() / per
+        );
         assert!(worst < 1e-5, "{file}: {worst}");
     }
 }
@@ -530,14 +854,27 @@ fn unsupported_ops_are_typed_errors() {
     let mut g = Graph::default();
     let x = g.input("x", &[2, 4]);
     let w = g.constant("w", &[4, 4], &Rng(3).vec(16, 1.0));
-    let d = g.op("d", Op::Dense(ops::Dense { act: Activation::NONE }), &[x, w], &[2, 4]);
+    let d = g.op(
+        "d",
+        Op::Dense(ops::Dense {
+            act: Activation::NONE,
+        }),
+        &[x, w],
+        &[2, 4],
+    );
     let m = g.op("mm", Op::MatMul(ops::MatMul::standard(2)), &[d, w], &[2, 4]);
     g.output("y", m);
     let aligned = AlignedBytes::from(&g.finish()[..]);
     let model = Model::from_bytes(aligned.as_bytes()).unwrap();
     let (entries, _) = adapter(&model, &[(EntryKind::Bias, 0, 0)], 1);
     match Backprop::new(model, &entries) {
-        Err(e @ BackpropError::UnsupportedOp { op: 1, kind: "matmul", .. }) => println!("{e}"),
+        Err(
+            e @ BackpropError::UnsupportedOp {
+                op: 1,
+                kind: "matmul",
+                ..
+            },
+        ) => println!("{e}"),
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("matmul accepted"),
     }
@@ -545,12 +882,24 @@ fn unsupported_ops_are_typed_errors() {
 
 #[test]
 fn first_order_recovers_a_ternary_mlp() {
-    let recipe = Recipe { rules: vec![Rule { pattern: "*".into(), method: Method::Ternary { group: 256 }, gptq: false }], keep_ends: KeepEnds::Same, ..Recipe::default() };
+    let recipe = Recipe {
+        rules: vec![Rule {
+            pattern: "*".into(),
+            method: Method::Ternary { group: 256 },
+            gptq: false,
+        }],
+        keep_ends: KeepEnds::Same,
+        ..Recipe::default()
+    };
     let batch = 32;
     let bytes = digits("mlp.onnx", batch, Some(&recipe));
     let aligned = AlignedBytes::from(&bytes[..]);
     let model = Model::from_bytes(aligned.as_bytes()).unwrap();
-    let dense: Vec<u32> = model.ops().filter(|o| matches!(o.op, Op::Dense(_))).map(|o| o.index).collect();
+    let dense: Vec<u32> = model
+        .ops()
+        .filter(|o| matches!(o.op, Op::Dense(_)))
+        .map(|o| o.index)
+        .collect();
     let mut spec = Vec::new();
     for &op in &dense {
         spec.push((EntryKind::Bias, op, 0));
@@ -568,7 +917,12 @@ fn first_order_recovers_a_ternary_mlp() {
     let (xte, yte) = (load("x_test.npy").to_f32(), load("y_test.npy").to_i64());
     let mut bp = Backprop::new(model, &entries).unwrap();
     let (loss0, acc0) = bp.evaluate(&xte, &yte, &values).unwrap();
-    let cfg = FirstOrderConfig { optimizer: Optimizer::Adam { lr: 1e-2 }, steps: 600, seed: 7, weight_decay: 0.0 };
+    let cfg = FirstOrderConfig {
+        optimizer: Optimizer::Adam { lr: 1e-2 },
+        steps: 600,
+        seed: 7,
+        weight_decay: 0.0,
+    };
     let t = Instant::now();
     let log = bp.train(&mut values, &xtr, &ytr, &cfg).unwrap();
     let secs = t.elapsed().as_secs_f64();

@@ -12,7 +12,9 @@
 //! assert!(back.iter().zip(&w).all(|(a, b)| (a - b).abs() < 0.2));
 //! ```
 
-use edgetune_core::layout::{pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS};
+use edgetune_core::layout::{
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+};
 use edgetune_core::Encoding;
 use half::f16;
 
@@ -72,20 +74,42 @@ pub struct QBlockParts<'a> {
 
 /// Lays out a block-quantized weight.
 pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
-    let flags = if p.int8_activations { QFLAG_INT8_ACTIVATIONS } else { 0 };
-    let params = [p.bits as u32, p.group as u32, p.rows_per_table as u32, flags];
+    let flags = if p.int8_activations {
+        QFLAG_INT8_ACTIVATIONS
+    } else {
+        0
+    };
+    let params = [
+        p.bits as u32,
+        p.group as u32,
+        p.rows_per_table as u32,
+        flags,
+    ];
     let l = QBlockLayout::new(p.n, p.k, params).ok_or(QuantError::Incompatible {
         what: "block-quantized layout parameters",
     })?;
     let entries = l.entries();
-    if p.codes.len() != p.n * p.k || p.tables.len() != l.tables * entries || p.scales.len() != p.n * l.groups_per_row() {
-        return Err(QuantError::ShapeMismatch { what: "codes, tables or scales", expected: p.n * p.k, got: p.codes.len() });
+    if p.codes.len() != p.n * p.k
+        || p.tables.len() != l.tables * entries
+        || p.scales.len() != p.n * l.groups_per_row()
+    {
+        return Err(QuantError::ShapeMismatch {
+            what: "codes, tables or scales",
+            expected: p.n * p.k,
+            got: p.codes.len(),
+        });
     }
     if p.codes.iter().any(|&c| c as usize >= entries) {
-        return Err(QuantError::OutOfRange { what: "code", value: entries as f64, allowed: "below 2^bits" });
+        return Err(QuantError::OutOfRange {
+            what: "code",
+            value: entries as f64,
+            allowed: "below 2^bits",
+        });
     }
     if p.tables.iter().chain(p.scales).any(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite { what: "tables or scales" });
+        return Err(QuantError::NonFinite {
+            what: "tables or scales",
+        });
     }
     let mut bytes = vec![0u8; l.len];
     let rb = l.row_bytes();
@@ -101,7 +125,10 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
         }
     }
     for t in 0..l.tables {
-        let table: Vec<f32> = p.tables[t * entries..(t + 1) * entries].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let table: Vec<f32> = p.tables[t * entries..(t + 1) * entries]
+            .iter()
+            .map(|&v| f16::from_f32(v).to_f32())
+            .collect();
         for (i, v) in table.iter().enumerate() {
             let o = l.lut_off + (t * entries + i) * 2;
             bytes[o..o + 2].copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
@@ -112,9 +139,14 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
         // The int8 table: exact when the values are small integers (linear levels), else scaled.
         let exact = table.iter().all(|v| v.fract() == 0.0 && v.abs() <= 127.0);
         let amax = table.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let s = if exact || amax == 0.0 { 1.0 } else { amax / 127.0 };
+        let s = if exact || amax == 0.0 {
+            1.0
+        } else {
+            amax / 127.0
+        };
         for (i, v) in table.iter().enumerate() {
-            bytes[l.lut_i8_off + t * entries + i] = (v / s).round().clamp(-127.0, 127.0) as i8 as u8;
+            bytes[l.lut_i8_off + t * entries + i] =
+                (v / s).round().clamp(-127.0, 127.0) as i8 as u8;
         }
         let o = l.lut_scale_off + t * 4;
         bytes[o..o + 4].copy_from_slice(&s.to_le_bytes());
@@ -123,7 +155,11 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
         let o = l.scales_off + i * 2;
         bytes[o..o + 2].copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
     }
-    Ok(Encoded { encoding: Encoding::QBlock, bytes, params })
+    Ok(Encoded {
+        encoding: Encoding::QBlock,
+        bytes,
+        params,
+    })
 }
 
 /// Int8 per output row (codes −127..=127 stored as code + 128 into a linear table).
@@ -147,10 +183,16 @@ pub fn encode_int8_rows(q: &Int8Rows, int8_activations: bool) -> Result<Encoded>
 /// Signed group quantization (`bits` 2..=8) of a matrix whose `k` is already padded to 32s.
 pub fn encode_groups(q: &GroupQuant, int8_activations: bool) -> Result<Encoded> {
     if q.k % BLOCK != 0 {
-        return Err(QuantError::Incompatible { what: "group-quantized rows must be padded to multiples of 32" });
+        return Err(QuantError::Incompatible {
+            what: "group-quantized rows must be padded to multiples of 32",
+        });
     }
     let half_range = 1i32 << (q.bits - 1);
-    let codes: Vec<u8> = q.codes.iter().map(|&c| (c as i32 + half_range) as u8).collect();
+    let codes: Vec<u8> = q
+        .codes
+        .iter()
+        .map(|&c| (c as i32 + half_range) as u8)
+        .collect();
     let table: Vec<f32> = (0..1 << q.bits).map(|c| (c - half_range) as f32).collect();
     encode_qblock(&QBlockParts {
         n: q.n,
@@ -168,7 +210,9 @@ pub fn encode_groups(q: &GroupQuant, int8_activations: bool) -> Result<Encoded> 
 /// Ternary weights (2-bit codes 0, 1, 2 → −1, 0, +1) with per-group scales; `k` padded to 32s.
 pub fn encode_ternary(t: &Ternary, int8_activations: bool) -> Result<Encoded> {
     if t.k % BLOCK != 0 {
-        return Err(QuantError::Incompatible { what: "ternary rows must be padded to multiples of 32" });
+        return Err(QuantError::Incompatible {
+            what: "ternary rows must be padded to multiples of 32",
+        });
     }
     let codes: Vec<u8> = t.codes.iter().map(|&c| (c + 1) as u8).collect();
     encode_qblock(&QBlockParts {
@@ -187,7 +231,9 @@ pub fn encode_ternary(t: &Ternary, int8_activations: bool) -> Result<Encoded> {
 /// Binary weights (sign bits) with per-group scales; `k` padded to 32s.
 pub fn encode_binary(b: &Binary, int8_activations: bool) -> Result<Encoded> {
     if b.k % BLOCK != 0 {
-        return Err(QuantError::Incompatible { what: "binary rows must be padded to multiples of 32" });
+        return Err(QuantError::Incompatible {
+            what: "binary rows must be padded to multiples of 32",
+        });
     }
     let codes: Vec<u8> = b.signs.iter().map(|&s| (s > 0) as u8).collect();
     encode_qblock(&QBlockParts {
@@ -208,11 +254,18 @@ pub fn encode_codebook(cb: &Codebook, int8_activations: bool) -> Result<Encoded>
     let kp = padded_k(cb.k);
     // One scale per row, or per group of inputs (a multiple of 32 dividing the padded row, so the
     // layout's groups line up with the codebook's).
-    let group = if cb.scale_group >= cb.k { kp } else { cb.scale_group };
+    let group = if cb.scale_group >= cb.k {
+        kp
+    } else {
+        cb.scale_group
+    };
     if cb.scales.is_some() && (group % 32 != 0 || kp % group != 0) {
         return Err(QuantError::InvalidGroup { group, dim: kp });
     }
-    let scales = cb.scales.clone().unwrap_or_else(|| vec![1.0; cb.n * (kp / group)]);
+    let scales = cb
+        .scales
+        .clone()
+        .unwrap_or_else(|| vec![1.0; cb.n * (kp / group)]);
     encode_qblock(&QBlockParts {
         n: cb.n,
         k: cb.k,
@@ -228,11 +281,22 @@ pub fn encode_codebook(cb: &Codebook, int8_activations: bool) -> Result<Encoded>
 
 /// N:M sparse weights: `mask` (row-major `n × k`, true = keep) must keep at most `keep` of each
 /// `m` consecutive weights; values are stored as f16.
-pub fn encode_sparse(w: &[f32], mask: &[bool], n: usize, k: usize, keep: usize, m: usize) -> Result<Encoded> {
+pub fn encode_sparse(
+    w: &[f32],
+    mask: &[bool],
+    n: usize,
+    k: usize,
+    keep: usize,
+    m: usize,
+) -> Result<Encoded> {
     let params = [keep as u32, m as u32, 0, 0];
     let l = SparseLayout::new(n, k, params).ok_or(QuantError::InvalidNm { n: keep, m, k })?;
     if w.len() != n * k || mask.len() != n * k {
-        return Err(QuantError::ShapeMismatch { what: "weights or mask", expected: n * k, got: w.len() });
+        return Err(QuantError::ShapeMismatch {
+            what: "weights or mask",
+            expected: n * k,
+            got: w.len(),
+        });
     }
     let mut bytes = vec![0u8; l.len];
     let per_row = l.per_row();
@@ -241,10 +305,13 @@ pub fn encode_sparse(w: &[f32], mask: &[bool], n: usize, k: usize, keep: usize, 
         for g in 0..k / m {
             let kept: Vec<usize> = (0..m).filter(|&j| mask[r * k + g * m + j]).collect();
             if kept.len() > keep {
-                return Err(QuantError::Incompatible { what: "mask keeps more than N of M" });
+                return Err(QuantError::Incompatible {
+                    what: "mask keeps more than N of M",
+                });
             }
             // Groups with fewer kept weights are filled with explicit zeros at free positions.
-            let mut slots: Vec<(usize, f32)> = kept.iter().map(|&j| (j, w[r * k + g * m + j])).collect();
+            let mut slots: Vec<(usize, f32)> =
+                kept.iter().map(|&j| (j, w[r * k + g * m + j])).collect();
             let mut free = (0..m).filter(|j| !kept.contains(j));
             while slots.len() < keep {
                 slots.push((free.next().expect("keep <= m"), 0.0));
@@ -263,7 +330,11 @@ pub fn encode_sparse(w: &[f32], mask: &[bool], n: usize, k: usize, keep: usize, 
             }
         }
     }
-    Ok(Encoded { encoding: Encoding::SparseNM, bytes, params })
+    Ok(Encoded {
+        encoding: Encoding::SparseNM,
+        bytes,
+        params,
+    })
 }
 
 /// f16 values in 16-wide GEMM panels.
@@ -280,7 +351,11 @@ pub fn encode_panel_f16(w: &[f32], n: usize, k: usize) -> Encoded {
             }
         }
     }
-    Encoded { encoding: Encoding::PanelF16, bytes, params: [0; 4] }
+    Encoded {
+        encoding: Encoding::PanelF16,
+        bytes,
+        params: [0; 4],
+    }
 }
 
 fn f16_at(bytes: &[u8], o: usize) -> f32 {
@@ -292,24 +367,36 @@ pub fn decode(e: &Encoded, n: usize, k: usize) -> Result<Vec<f32>> {
     let mut out = vec![0.0f32; n * k];
     match e.encoding {
         Encoding::QBlock => {
-            let l = QBlockLayout::new(n, k, e.params).ok_or(QuantError::Incompatible { what: "block-quantized layout" })?;
+            let l = QBlockLayout::new(n, k, e.params).ok_or(QuantError::Incompatible {
+                what: "block-quantized layout",
+            })?;
             for r in 0..n {
                 let t = r / l.rows_per_table;
                 for kk in 0..k {
                     let (b, el) = (kk / BLOCK, kk % BLOCK);
                     let at = r * l.row_bytes() + b * l.block_bytes();
-                    let code = edgetune_core::layout::block_code(&e.bytes[at..at + l.block_bytes()], l.bits, el) as usize;
+                    let code = edgetune_core::layout::block_code(
+                        &e.bytes[at..at + l.block_bytes()],
+                        l.bits,
+                        el,
+                    ) as usize;
                     let v = f16_at(&e.bytes, l.lut_off + (t * l.entries() + code) * 2);
-                    let s = f16_at(&e.bytes, l.scales_off + (r * l.groups_per_row() + kk / l.group) * 2);
+                    let s = f16_at(
+                        &e.bytes,
+                        l.scales_off + (r * l.groups_per_row() + kk / l.group) * 2,
+                    );
                     out[r * k + kk] = v * s;
                 }
             }
         }
         Encoding::SparseNM => {
-            let l = SparseLayout::new(n, k, e.params).ok_or(QuantError::Incompatible { what: "sparse layout" })?;
+            let l = SparseLayout::new(n, k, e.params).ok_or(QuantError::Incompatible {
+                what: "sparse layout",
+            })?;
             let per_row = l.per_row();
             for r in 0..n {
-                let pos = &e.bytes[l.pos_off + r * l.pos_row_bytes..l.pos_off + (r + 1) * l.pos_row_bytes];
+                let pos = &e.bytes
+                    [l.pos_off + r * l.pos_row_bytes..l.pos_off + (r + 1) * l.pos_row_bytes];
                 for v in 0..per_row {
                     let col = v / l.keep * l.m + l.position(pos, v);
                     out[r * k + col] += f16_at(&e.bytes, (r * per_row + v) * 2);
@@ -320,11 +407,16 @@ pub fn decode(e: &Encoded, n: usize, k: usize) -> Result<Vec<f32>> {
             let panel = edgetune_core::PANEL;
             for r in 0..n {
                 for kk in 0..k {
-                    out[r * k + kk] = f16_at(&e.bytes, ((r / panel * k + kk) * panel + r % panel) * 2);
+                    out[r * k + kk] =
+                        f16_at(&e.bytes, ((r / panel * k + kk) * panel + r % panel) * 2);
                 }
             }
         }
-        Encoding::PanelF32 | Encoding::Plain => return Err(QuantError::Incompatible { what: "not a compressed encoding" }),
+        Encoding::PanelF32 | Encoding::Plain => {
+            return Err(QuantError::Incompatible {
+                what: "not a compressed encoding",
+            })
+        }
     }
     Ok(out)
 }
@@ -337,7 +429,9 @@ pub fn bits_per_weight(e: &Encoded, n: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kmeans::{codebook_quantize, codebook_quantize_with, Codebook, CodebookOptions, Granularity};
+    use crate::kmeans::{
+        codebook_quantize, codebook_quantize_with, Codebook, CodebookOptions, Granularity,
+    };
     use crate::rng::SplitMix64;
     use crate::scalar::quantize_int8_rows;
 
@@ -360,7 +454,11 @@ mod tests {
         let cb2 = codebook_quantize(&w2, n2, k2, 3, Granularity::PerRow, None).unwrap();
         let e2 = encode_codebook(&cb2, true).unwrap();
         let expect = n2 * k2 * 3 / 8 + n2 * 30;
-        assert!(e2.bytes.len() >= expect && e2.bytes.len() <= expect + 64, "{}", e2.bytes.len());
+        assert!(
+            e2.bytes.len() >= expect && e2.bytes.len() <= expect + 64,
+            "{}",
+            e2.bytes.len()
+        );
         let e3 = encode_codebook(&cb2, false).unwrap();
         assert_eq!(e2.bytes.len() - e3.bytes.len(), n2 * 12);
     }
@@ -371,18 +469,29 @@ mod tests {
         // shared table serve both parts; one scale per row cannot.
         let (n, k) = (16, 128);
         let mut rng = SplitMix64::new(9);
-        let w: Vec<f32> = (0..n * k).map(|i| rng.gaussian_vec(1)[0] * if i % k < 64 { 20.0 } else { 1.0 }).collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| rng.gaussian_vec(1)[0] * if i % k < 64 { 20.0 } else { 1.0 })
+            .collect();
         let mut opts = CodebookOptions::new(4, Granularity::PerGroupOfRows(8), None);
         let row = codebook_quantize_with(&w, n, k, &opts).unwrap();
         opts.scale_group = Some(32);
         let grouped = codebook_quantize_with(&w, n, k, &opts).unwrap();
         assert_eq!(grouped.scales.as_ref().map(Vec::len), Some(n * 4));
-        let err = |cb: &Codebook| crate::metrics::rel_frobenius_error(&w[..], &cb.dequantize()).unwrap();
+        let err =
+            |cb: &Codebook| crate::metrics::rel_frobenius_error(&w[..], &cb.dequantize()).unwrap();
         let tail = |cb: &Codebook| {
             let d = cb.dequantize();
-            (0..n * k).filter(|i| i % k >= 64).map(|i| (w[i] - d[i]).powi(2) as f64).sum::<f64>()
+            (0..n * k)
+                .filter(|i| i % k >= 64)
+                .map(|i| (w[i] - d[i]).powi(2) as f64)
+                .sum::<f64>()
         };
-        assert!(tail(&grouped) < 0.1 * tail(&row), "small part: {} vs {}", tail(&grouped), tail(&row));
+        assert!(
+            tail(&grouped) < 0.1 * tail(&row),
+            "small part: {} vs {}",
+            tail(&grouped),
+            tail(&row)
+        );
         assert!(err(&grouped) <= err(&row) * 1.05);
         let e = encode_codebook(&grouped, false).unwrap();
         assert_eq!(e.params[1], 32, "one layout scale per 32 inputs");
@@ -403,7 +512,10 @@ mod tests {
         let e = encode_int8_rows(&q, true).unwrap();
         let l = QBlockLayout::new(n, k, e.params).unwrap();
         // Linear levels are small integers: the int8 table is the levels themselves, scale 1.
-        assert_eq!(&e.bytes[l.lut_scale_off..l.lut_scale_off + 4], &1.0f32.to_le_bytes());
+        assert_eq!(
+            &e.bytes[l.lut_scale_off..l.lut_scale_off + 4],
+            &1.0f32.to_le_bytes()
+        );
         assert_eq!(e.bytes[l.lut_i8_off + 128 + 5] as i8, 5);
         let back = decode(&e, n, k).unwrap();
         for (a, b) in back.iter().zip(q.dequantize()) {

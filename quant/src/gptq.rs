@@ -577,8 +577,14 @@ impl CodebookQuantizer {
     /// are written there.
     pub fn with_column_order(mut self, order: Vec<usize>) -> Result<Self> {
         let mut seen = vec![false; self.cb.k];
-        if order.len() != self.cb.k || order.iter().any(|&c| c >= self.cb.k || std::mem::replace(&mut seen[c], true)) {
-            return Err(QuantError::Incompatible { what: "column order is not a permutation of the columns" });
+        if order.len() != self.cb.k
+            || order
+                .iter()
+                .any(|&c| c >= self.cb.k || std::mem::replace(&mut seen[c], true))
+        {
+            return Err(QuantError::Incompatible {
+                what: "column order is not a permutation of the columns",
+            });
         }
         self.columns = Some(order);
         Ok(self)

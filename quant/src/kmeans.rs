@@ -621,16 +621,37 @@ pub fn codebook_quantize_with(
             return Err(QuantError::InvalidGroup { group: 0, dim: k });
         }
         let g = g.min(k);
-        return cluster(w, n, k, opts, rows_per_table, Some((g, absmax_f16(w, n, k, g)?)));
+        return cluster(
+            w,
+            n,
+            k,
+            opts,
+            rows_per_table,
+            Some((g, absmax_f16(w, n, k, g)?)),
+        );
     }
     match opts.row_scaling {
         RowScaling::Off => cluster(w, n, k, opts, rows_per_table, None),
-        RowScaling::On => cluster(w, n, k, opts, rows_per_table, Some((k, absmax_f16(w, n, k, k)?))),
+        RowScaling::On => cluster(
+            w,
+            n,
+            k,
+            opts,
+            rows_per_table,
+            Some((k, absmax_f16(w, n, k, k)?)),
+        ),
         // A per-row table already adapts to its row: scaling cannot help, skip the second run.
         RowScaling::Auto if rows_per_table == 1 => cluster(w, n, k, opts, rows_per_table, None),
         RowScaling::Auto => {
             let plain = cluster(w, n, k, opts, rows_per_table, None)?;
-            let scaled = cluster(w, n, k, opts, rows_per_table, Some((k, absmax_f16(w, n, k, k)?)))?;
+            let scaled = cluster(
+                w,
+                n,
+                k,
+                opts,
+                rows_per_table,
+                Some((k, absmax_f16(w, n, k, k)?)),
+            )?;
             let e_plain = weighted_error(w, &plain.dequantize(), k, opts.importance);
             let e_scaled = weighted_error(w, &scaled.dequantize(), k, opts.importance);
             // Row scales cost storage: require a real (0.1%) gain, not rounding noise.

@@ -35,8 +35,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod error;
 pub mod encode;
+mod error;
 pub mod gptq;
 pub mod kmeans;
 pub mod lowrank;

@@ -24,7 +24,13 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Runs `edgetune COMMAND MODEL -o OUT FLAGS...`.
 fn edgetune(command: &str, model: &Path, out: &Path, flags: &[&str]) -> anyhow::Result<()> {
-    let mut argv = vec!["edgetune".to_string(), command.into(), model.display().to_string(), "-o".into(), out.display().to_string()];
+    let mut argv = vec![
+        "edgetune".to_string(),
+        command.into(),
+        model.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
     argv.extend(flags.iter().map(|s| s.to_string()));
     commands::run(Cli::try_parse_from(argv)?)
 }
@@ -36,7 +42,10 @@ fn edgetune_compress(model: &Path, out: &Path, flags: &[&str]) -> anyhow::Result
 
 fn accuracy(etm: &Path, x: &Array, y: &[i64]) -> f64 {
     let mut ours = Ours::load(etm).unwrap();
-    eval::evaluate(&mut ours, None, std::slice::from_ref(x), Some(y), None).unwrap().accuracy.unwrap()
+    eval::evaluate(&mut ours, None, std::slice::from_ref(x), Some(y), None)
+        .unwrap()
+        .accuracy
+        .unwrap()
 }
 
 #[test]
@@ -64,18 +73,39 @@ fn digits_cnn_stays_accurate_compressed() {
         edgetune_compress(&onnx, &out, &all).unwrap();
         let acc = accuracy(&out, &x, &y);
         let bytes = std::fs::metadata(&out).unwrap().len();
-        println!("{flags:?}: accuracy {:.2}% (f32 {:.2}%), {bytes} bytes ({:.2}x smaller)", acc * 100.0, base * 100.0, f32_bytes as f64 / bytes as f64);
-        assert!((base - acc) * 100.0 <= max_drop + 1e-9, "{flags:?}: accuracy {acc} vs {base}");
-        assert!(f32_bytes as f64 / bytes as f64 >= smaller, "{flags:?}: {bytes} bytes vs {f32_bytes}");
+        println!(
+            "{flags:?}: accuracy {:.2}% (f32 {:.2}%), {bytes} bytes ({:.2}x smaller)",
+            acc * 100.0,
+            base * 100.0,
+            f32_bytes as f64 / bytes as f64
+        );
+        assert!(
+            (base - acc) * 100.0 <= max_drop + 1e-9,
+            "{flags:?}: accuracy {acc} vs {base}"
+        );
+        assert!(
+            f32_bytes as f64 / bytes as f64 >= smaller,
+            "{flags:?}: {bytes} bytes vs {f32_bytes}"
+        );
     }
 }
 
 #[test]
 fn minilm_int8_embeddings_match_the_float_model() {
     let onnx = shared("minilm-l6/model.onnx");
-    let shapes = ["--input", "input_ids=32x16", "--input", "attention_mask=32x16", "--input", "token_type_ids=32x16"];
+    let shapes = [
+        "--input",
+        "input_ids=32x16",
+        "--input",
+        "attention_mask=32x16",
+        "--input",
+        "token_type_ids=32x16",
+    ];
     let names = ["input_ids", "attention_mask", "token_type_ids"];
-    let data: Vec<Array> = names.iter().map(|n| npy::read(&shared(&format!("minilm-l6/seq16_{n}.npy"))).unwrap()).collect();
+    let data: Vec<Array> = names
+        .iter()
+        .map(|n| npy::read(&shared(&format!("minilm-l6/seq16_{n}.npy"))).unwrap())
+        .collect();
     let run = |etm: &Path| -> Vec<f32> {
         let mut ours = Ours::load(etm).unwrap();
         ours.run(&data).unwrap()[0].to_f32()
@@ -84,9 +114,18 @@ fn minilm_int8_embeddings_match_the_float_model() {
     edgetune("import", &onnx, &f32_etm, &shapes).unwrap();
     edgetune_compress(&onnx, &int8_etm, &[&shapes[..], &["--int8"]].concat()).unwrap();
     let (a, b) = (run(&f32_etm), run(&int8_etm));
-    let worst = a.chunks(384).zip(b.chunks(384)).map(|(p, q)| edgetune_cli::metrics::cosine(p, q) as f64).fold(1.0f64, f64::min);
-    let (fa, fb) = (std::fs::metadata(&f32_etm).unwrap().len(), std::fs::metadata(&int8_etm).unwrap().len());
-    println!("MiniLM int8 (32 sentences, seq 16): worst cosine to f32 {worst:.5}; {fb} bytes vs {fa}");
+    let worst = a
+        .chunks(384)
+        .zip(b.chunks(384))
+        .map(|(p, q)| edgetune_cli::metrics::cosine(p, q) as f64)
+        .fold(1.0f64, f64::min);
+    let (fa, fb) = (
+        std::fs::metadata(&f32_etm).unwrap().len(),
+        std::fs::metadata(&int8_etm).unwrap().len(),
+    );
+    println!(
+        "MiniLM int8 (32 sentences, seq 16): worst cosine to f32 {worst:.5}; {fb} bytes vs {fa}"
+    );
     assert!(worst >= 0.999, "worst cosine {worst}");
     assert!((fb as f64) < fa as f64 / 3.5, "{fb} vs {fa}");
 }
@@ -96,9 +135,19 @@ fn one_layer(n: usize, k: usize) -> Graph {
     let mut g = Graph::default();
     let x = g.activation("x", DType::F32, vec![1, k]);
     g.inputs.push(("x".into(), x));
-    let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05)
+        .collect();
     let wt = g.constant("w", DType::F32, vec![n, k], ConstData::F32(w));
-    let y = g.push("fc", Op::Dense(Dense { act: Activation::NONE }), vec![x, wt], DType::F32, vec![1, n]);
+    let y = g.push(
+        "fc",
+        Op::Dense(Dense {
+            act: Activation::NONE,
+        }),
+        vec![x, wt],
+        DType::F32,
+        vec![1, n],
+    );
     g.outputs.push(("y".into(), y));
     g
 }
@@ -113,7 +162,11 @@ fn compressed_weights_are_never_expanded() {
     let methods = [
         Method::Int8,
         Method::Int4 { group: 32 },
-        Method::Codebook { bits: 4, rows_per_table: 1, scale_group: 0 },
+        Method::Codebook {
+            bits: 4,
+            rows_per_table: 1,
+            scale_group: 0,
+        },
         Method::Ternary { group: 64 },
         Method::Binary { group: 64 },
         Method::Sparse { keep: 2, m: 4 },
@@ -121,10 +174,33 @@ fn compressed_weights_are_never_expanded() {
     let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
     for m in methods {
         let mut g = one_layer(n, k);
-        let rule = Rule { pattern: "*".into(), method: m.clone(), gptq: false };
-        compress(&mut g, &Recipe { rules: vec![rule], keep_ends: KeepEnds::Same, ..Recipe::default() }, None, false).unwrap();
+        let rule = Rule {
+            pattern: "*".into(),
+            method: m.clone(),
+            gptq: false,
+        };
+        compress(
+            &mut g,
+            &Recipe {
+                rules: vec![rule],
+                keep_ends: KeepEnds::Same,
+                ..Recipe::default()
+            },
+            None,
+            false,
+        )
+        .unwrap();
         let enc = g.tensors[1].encoded.clone().expect("weight encoded");
-        let decoded = edgetune_quant::encode::decode(&edgetune_quant::encode::Encoded { encoding: enc.encoding, bytes: enc.bytes.clone(), params: enc.params }, n, k).unwrap();
+        let decoded = edgetune_quant::encode::decode(
+            &edgetune_quant::encode::Encoded {
+                encoding: enc.encoding,
+                bytes: enc.bytes.clone(),
+                params: enc.params,
+            },
+            n,
+            k,
+        )
+        .unwrap();
         let (bytes, _) = pack(&g).unwrap();
         let ab = AlignedBytes::from(&bytes[..]);
         let model = Model::from_bytes(ab.as_bytes()).unwrap();
@@ -132,22 +208,45 @@ fn compressed_weights_are_never_expanded() {
         assert_ne!(w.meta.encoding, Encoding::Plain);
         assert_ne!(w.meta.encoding, Encoding::PanelF32);
         let arena = model.arena_bytes() as usize;
-        assert!(arena * 256 < n * k * 4, "{}: arena of {arena} bytes", m.label());
+        assert!(
+            arena * 256 < n * k * 4,
+            "{}: arena of {arena} bytes",
+            m.label()
+        );
         let xs = x.clone();
         let y = std::thread::Builder::new()
             .stack_size(256 << 10)
             .spawn(move || {
                 let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..])).unwrap();
-                ours.run(&[Array { shape: vec![1, k], data: ArrayData::F32(xs) }]).unwrap()[0].to_f32()
+                ours.run(&[Array {
+                    shape: vec![1, k],
+                    data: ArrayData::F32(xs),
+                }])
+                .unwrap()[0]
+                    .to_f32()
             })
             .unwrap()
             .join()
             .unwrap();
-        let want: Vec<f64> = (0..n).map(|j| (0..k).map(|i| decoded[j * k + i] as f64 * x[i] as f64).sum()).collect();
-        let worst = y.iter().zip(&want).map(|(&y, w)| (y as f64 - w).abs()).fold(0.0, f64::max);
+        let want: Vec<f64> = (0..n)
+            .map(|j| {
+                (0..k)
+                    .map(|i| decoded[j * k + i] as f64 * x[i] as f64)
+                    .sum()
+            })
+            .collect();
+        let worst = y
+            .iter()
+            .zip(&want)
+            .map(|(&y, w)| (y as f64 - w).abs())
+            .fold(0.0, f64::max);
         let largest = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
         println!("{}: {} weight bytes (f32: {}), arena {arena} bytes, max |y - decoded·x| {worst:.2e} (max |y| {largest:.2})", m.label(), w.len, n * k * 4);
-        assert!(largest > 0.1, "{}: a trivial output proves nothing", m.label());
+        assert!(
+            largest > 0.1,
+            "{}: a trivial output proves nothing",
+            m.label()
+        );
         // Weight-only encodings with f32 activations: equal to the decoded weight's product up to
         // f32 summation (x is dyadic here, so most sums are exact).
         assert!(worst < 1e-5, "{}: {worst}", m.label());
@@ -160,33 +259,77 @@ fn recipes_that_cannot_apply_say_so() {
     let out = tmp("cnn-bad.etm");
     let shape = ["--input", "x=1x1x8x8"];
     // Bits out of range, and a rule that matches no layer: errors that say why.
-    let e = edgetune_compress(&onnx, &out, &[&shape[..], &["--codebook", "9"]].concat()).unwrap_err();
+    let e =
+        edgetune_compress(&onnx, &out, &[&shape[..], &["--codebook", "9"]].concat()).unwrap_err();
     assert!(format!("{e:#}").contains("bits must be 1 to 8"), "{e:#}");
     let recipe = tmp("typo.toml");
     std::fs::write(&recipe, "[[rule]]\nmatch = \"*Gemmm*\"\nint4 = 32\n").unwrap();
-    let e = edgetune_compress(&onnx, &out, &[&shape[..], &["--recipe", recipe.to_str().unwrap()]].concat()).unwrap_err();
+    let e = edgetune_compress(
+        &onnx,
+        &out,
+        &[&shape[..], &["--recipe", recipe.to_str().unwrap()]].concat(),
+    )
+    .unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("matches no layer") && msg.contains("/8/Gemm"), "{msg}");
+    assert!(
+        msg.contains("matches no layer") && msg.contains("/8/Gemm"),
+        "{msg}"
+    );
     // 2:4 on the first convolution (9 inputs, not a multiple of 4): kept at int8, and the report
     // says so, rather than a silently different model.
-    let g = edgetune_cli::import::import(&onnx, &["x=1x1x8x8".parse().unwrap()], Default::default()).unwrap();
+    let g =
+        edgetune_cli::import::import(&onnx, &["x=1x1x8x8".parse().unwrap()], Default::default())
+            .unwrap();
     let mut g2 = g.clone();
-    let rule = Rule { pattern: "*".into(), method: Method::Sparse { keep: 2, m: 4 }, gptq: false };
-    let reports = compress(&mut g2, &Recipe { rules: vec![rule], keep_ends: KeepEnds::Same, ..Recipe::default() }, None, false).unwrap();
+    let rule = Rule {
+        pattern: "*".into(),
+        method: Method::Sparse { keep: 2, m: 4 },
+        gptq: false,
+    };
+    let reports = compress(
+        &mut g2,
+        &Recipe {
+            rules: vec![rule],
+            keep_ends: KeepEnds::Same,
+            ..Recipe::default()
+        },
+        None,
+        false,
+    )
+    .unwrap();
     let first = &reports[0];
     assert_eq!(first.shape, (16, 9));
-    assert!(first.note.as_deref().unwrap_or("").contains("kept int8"), "{first:?}");
-    assert!(reports[1..].iter().all(|r| r.method.contains("sparse")), "{reports:?}");
+    assert!(
+        first.note.as_deref().unwrap_or("").contains("kept int8"),
+        "{first:?}"
+    );
+    assert!(
+        reports[1..].iter().all(|r| r.method.contains("sparse")),
+        "{reports:?}"
+    );
 }
 
 #[test]
 fn a_recipe_files_keep_ends_holds_unless_the_flag_overrides_it() {
     let onnx = digits("cnn.onnx");
     let recipe = tmp("same.toml");
-    std::fs::write(&recipe, "keep_ends = \"same\"\n[[rule]]\nmatch = \"*\"\nternary = 64\n").unwrap();
+    std::fs::write(
+        &recipe,
+        "keep_ends = \"same\"\n[[rule]]\nmatch = \"*\"\nternary = 64\n",
+    )
+    .unwrap();
     let first_weight = |flags: &[&str]| {
         let out = tmp("cnn-keep.etm");
-        edgetune_compress(&onnx, &out, &[&["--input", "x=1x1x8x8", "--recipe", recipe.to_str().unwrap()], flags].concat()).unwrap();
+        edgetune_compress(
+            &onnx,
+            &out,
+            &[
+                &["--input", "x=1x1x8x8", "--recipe", recipe.to_str().unwrap()],
+                flags,
+            ]
+            .concat(),
+        )
+        .unwrap();
         let bytes = AlignedBytes::read(&out).unwrap();
         let model = Model::from_bytes(bytes.as_bytes()).unwrap();
         let w = model.tensor(model.op(0).input(1));
@@ -196,5 +339,10 @@ fn a_recipe_files_keep_ends_holds_unless_the_flag_overrides_it() {
     let (same, int8) = (first_weight(&[]), first_weight(&["--keep-ends", "int8"]));
     assert_eq!(same.0, Encoding::QBlock);
     // The flag wins over the file: the first layer is kept at int8, 8 bits a weight.
-    assert!(int8.1 > 2 * same.1, "first layer {} bytes with the file's setting, {} with --keep-ends int8", same.1, int8.1);
+    assert!(
+        int8.1 > 2 * same.1,
+        "first layer {} bytes with the file's setting, {} with --keep-ends int8",
+        same.1,
+        int8.1
+    );
 }

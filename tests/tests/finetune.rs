@@ -18,8 +18,21 @@ use edgetune_tests::digits;
 /// The digits MLP at batch `b`, compressed to ternary weights with one scale per row (all
 /// layers): a degraded start for fine-tuning.
 fn ternary_mlp(b: usize) -> Vec<u8> {
-    let mut g = import(&digits("mlp.onnx"), &[format!("x={b}x1x8x8").parse().unwrap()], LowerOptions::default()).unwrap();
-    let recipe = Recipe { rules: vec![Rule { pattern: "*".into(), method: Method::Ternary { group: 256 }, gptq: false }], keep_ends: KeepEnds::Same, ..Recipe::default() };
+    let mut g = import(
+        &digits("mlp.onnx"),
+        &[format!("x={b}x1x8x8").parse().unwrap()],
+        LowerOptions::default(),
+    )
+    .unwrap();
+    let recipe = Recipe {
+        rules: vec![Rule {
+            pattern: "*".into(),
+            method: Method::Ternary { group: 256 },
+            gptq: false,
+        }],
+        keep_ends: KeepEnds::Same,
+        ..Recipe::default()
+    };
     compress(&mut g, &recipe, None, false).unwrap();
     pack(&g).unwrap().0
 }
@@ -29,7 +42,10 @@ fn accuracy(bytes: &[u8], adapter: Option<HostAdapter>) -> f64 {
     ours.adapter = adapter;
     let x = npy::read(&digits("x_test.npy")).unwrap();
     let y = npy::read(&digits("y_test.npy")).unwrap().to_i64();
-    edgetune_cli::commands::eval::evaluate(&mut ours, None, &[x], Some(&y), None).unwrap().accuracy.unwrap()
+    edgetune_cli::commands::eval::evaluate(&mut ours, None, &[x], Some(&y), None)
+        .unwrap()
+        .accuracy
+        .unwrap()
 }
 
 fn args(steps: u32, trainable: &str) -> FinetuneArgs {
@@ -81,14 +97,24 @@ fn adapter_semantics() {
     // moves every prediction it can.
     let (le, lv) = build_entries(&model, "lora:r=2", "*", 0).unwrap();
     assert!(le.iter().any(|e| e.kind == EntryKind::LoraA));
-    assert_eq!(accuracy(&bytes, Some(HostAdapter::new(&model, le, lv))), base);
+    assert_eq!(
+        accuracy(&bytes, Some(HostAdapter::new(&model, le, lv))),
+        base
+    );
     let mut shifted = values.clone();
-    let last_bias = entries.iter().filter(|e| e.kind == EntryKind::Bias).max_by_key(|e| e.op).unwrap();
+    let last_bias = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Bias)
+        .max_by_key(|e| e.op)
+        .unwrap();
     shifted[last_bias.offset as usize + 3] += 1000.0;
     let x = npy::read(&digits("x_test.npy")).unwrap();
     let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..])).unwrap();
     ours.adapter = Some(HostAdapter::new(&model, entries.clone(), shifted));
-    let first = npy::Array { shape: vec![1, 1, 8, 8], data: npy::ArrayData::F32(x.to_f32()[..64].to_vec()) };
+    let first = npy::Array {
+        shape: vec![1, 1, 8, 8],
+        data: npy::ArrayData::F32(x.to_f32()[..64].to_vec()),
+    };
     let out = ours.run(&[first]).unwrap();
     assert_eq!(metrics::argmax(&out[0].to_f32()), 3);
     // Saved and loaded back, bound to its model; another model rejects it.
@@ -119,15 +145,26 @@ fn zeroth_order_recovers_a_ternary_mlp_and_replays_bit_for_bit() {
     let x = npy::read(&digits("x_train.npy")).unwrap();
     let y = npy::read(&digits("y_train.npy")).unwrap().to_i64();
     let a = args(1500, "bias,scales");
-    let cfg = ZoConfig { seed: a.seed, lr: a.lr, eps: a.eps, ..ZoConfig::default() };
-    let (report, steps, _) = train_zo(&model, &mut host, &cfg, &a, &[x], Some(&y), None, None).unwrap();
+    let cfg = ZoConfig {
+        seed: a.seed,
+        lr: a.lr,
+        eps: a.eps,
+        ..ZoConfig::default()
+    };
+    let (report, steps, _) =
+        train_zo(&model, &mut host, &cfg, &a, &[x], Some(&y), None, None).unwrap();
     assert_eq!(report.forwards, 3000);
     assert_eq!(report.skipped, 0);
     let after = accuracy(&bytes, Some(host.clone()));
     // Measured: 93.78% -> about 96.4% on the test set after 3000 forward passes.
     assert!(after >= before + 0.015, "test accuracy {before} -> {after}");
     // The log alone rebuilds the adapter, bit for bit.
-    let log = RunLog { config: cfg, initial, keep_best: false, steps };
+    let log = RunLog {
+        config: cfg,
+        initial,
+        keep_best: false,
+        steps,
+    };
     let parsed = RunLog::parse(&log.to_bytes()).unwrap();
     let rebuilt = replay(&model, &parsed).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -37,7 +37,12 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn training_steps_do_not_allocate() {
-    let g = import(&digits("cnn.onnx"), &["x=16x1x8x8".parse().unwrap()], LowerOptions::default()).unwrap();
+    let g = import(
+        &digits("cnn.onnx"),
+        &["x=16x1x8x8".parse().unwrap()],
+        LowerOptions::default(),
+    )
+    .unwrap();
     let (bytes, _) = pack(&g).unwrap();
     let ab = AlignedBytes::from(&bytes[..]);
     let model = Model::from_bytes(ab.as_bytes()).unwrap();
@@ -48,7 +53,12 @@ fn training_steps_do_not_allocate() {
     let mut arena = AlignedBytes::zeroed(model.arena_bytes() as usize);
     let mut session = Session::with_kernels(&model, arena.as_bytes_mut(), Kernels::best()).unwrap();
     let x = npy::read(&digits("x_train.npy")).unwrap().to_f32();
-    let y: Vec<usize> = npy::read(&digits("y_train.npy")).unwrap().to_i64().iter().map(|&v| v as usize).collect();
+    let y: Vec<usize> = npy::read(&digits("y_train.npy"))
+        .unwrap()
+        .to_i64()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     session.set_input(0, &x[..16 * 64]).unwrap();
     let cfg = ZoConfig::default();
     let before = ALLOCATIONS.load(Ordering::SeqCst);
@@ -58,7 +68,11 @@ fn training_steps_do_not_allocate() {
     for step in 0..20 {
         let rec = zo_step(&mut adapter, &cfg, step, &|_| false, |ad| {
             session.run_with(Some(ad)).unwrap();
-            cross_entropy(session.output::<f32>(0).unwrap(), 10, y[..16].iter().copied())
+            cross_entropy(
+                session.output::<f32>(0).unwrap(),
+                10,
+                y[..16].iter().copied(),
+            )
         });
         last = rec.loss;
     }

@@ -38,7 +38,11 @@ fn main() {
 
     // One memory map per board (cortex-m-rt's link.x includes `memory.x`).
     let stm32f407 = env::var_os("CARGO_FEATURE_STM32F407").is_some();
-    let memory = if stm32f407 { "memory-stm32f407.x" } else { "memory-mps2-an386.x" };
+    let memory = if stm32f407 {
+        "memory-stm32f407.x"
+    } else {
+        "memory-mps2-an386.x"
+    };
     fs::copy(manifest.join(memory), out.join("memory.x")).expect("copy the memory map to OUT_DIR");
     println!("cargo:rustc-link-search={}", out.display());
     println!("cargo:rerun-if-changed={memory}");
@@ -48,10 +52,17 @@ fn main() {
     let (test_labels, _) = input_file(&manifest, "EDGETUNE_TEST_LABELS", "data/placeholder.bin");
     let (train, train_given) = input_file(&manifest, "EDGETUNE_TRAIN_DATA", "data/placeholder.bin");
     let (train_labels, _) = input_file(&manifest, "EDGETUNE_TRAIN_LABELS", "data/placeholder.bin");
-    let (adapter, adapter_given) = input_file(&manifest, "EDGETUNE_ADAPTER", "data/placeholder.bin");
+    let (adapter, adapter_given) =
+        input_file(&manifest, "EDGETUNE_ADAPTER", "data/placeholder.bin");
     let values = size_var("EDGETUNE_ADAPTER_VALUES", 0);
     let workspace = size_var("EDGETUNE_ADAPTER_WORKSPACE", 0);
-    let adapter_bytes = if adapter_given { fs::metadata(&adapter).map(|m| m.len() as usize).unwrap_or(0) } else { 0 };
+    let adapter_bytes = if adapter_given {
+        fs::metadata(&adapter)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    } else {
+        0
+    };
     let ft = finetune_var();
     let arena = size_var(ARENA_VAR, 64 * 1024);
     println!("cargo:rerun-if-env-changed={ARENA_IN_VAR}");
@@ -196,11 +207,25 @@ struct Finetune {
 fn finetune_var() -> Finetune {
     const VAR: &str = "EDGETUNE_FINETUNE";
     println!("cargo:rerun-if-env-changed={VAR}");
-    let mut f = Finetune { steps: 0, batch: 16, lr: 1e-2, eps: 1e-3, wd: 0.0, clip: 5.0, seed: 0 };
+    let mut f = Finetune {
+        steps: 0,
+        batch: 16,
+        lr: 1e-2,
+        eps: 1e-3,
+        wd: 0.0,
+        clip: 5.0,
+        seed: 0,
+    };
     let text = env::var(VAR).unwrap_or_default();
     for kv in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let bad = || -> ! { fail(&format!("{VAR}: {kv:?} is not key=number (steps, batch, lr, eps, wd, clip, seed)")) };
-        let Some((k, v)) = kv.split_once('=') else { bad() };
+        let bad = || -> ! {
+            fail(&format!(
+                "{VAR}: {kv:?} is not key=number (steps, batch, lr, eps, wd, clip, seed)"
+            ))
+        };
+        let Some((k, v)) = kv.split_once('=') else {
+            bad()
+        };
         fn num<T: std::str::FromStr>(v: &str, bad: impl Fn() -> T) -> T {
             v.parse().unwrap_or_else(|_| bad())
         }

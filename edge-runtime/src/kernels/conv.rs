@@ -76,14 +76,32 @@ fn gemm_conv(
         let yb = &mut y[b * s.cout * p..(b + 1) * s.cout * p];
         if tile == 0 {
             // Pointwise on panels: A[pixel, ci] = x[ci·P + pixel] read in place.
-            linear(ker, w, (p, k, s.cout), (xb, 1, plane), (yb, 1, p), bias, c.act, rest);
+            linear(
+                ker,
+                w,
+                (p, k, s.cout),
+                (xb, 1, plane),
+                (yb, 1, p),
+                bias,
+                c.act,
+                rest,
+            );
             continue;
         }
         let mut p0 = 0;
         while p0 < p {
             let rows = tile.min(p - p0);
             im2col(c, s, xb, p0, rows, &mut cols[..rows * k]);
-            linear(ker, w, (rows, k, s.cout), (&cols[..rows * k], k, 1), (&mut yb[p0..], 1, p), bias, c.act, rest);
+            linear(
+                ker,
+                w,
+                (rows, k, s.cout),
+                (&cols[..rows * k], k, 1),
+                (&mut yb[p0..], 1, p),
+                bias,
+                c.act,
+                rest,
+            );
             p0 += rows;
         }
     }

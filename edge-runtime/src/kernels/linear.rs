@@ -43,24 +43,63 @@ pub fn linear(
         Weights::Panel(b) => gemm_with_threads(
             &ker.gemm,
             ker.threads,
-            Gemm { m, n, k, a, a_rs, a_cs, b, c, c_rs, c_cs, bias, act },
+            Gemm {
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b,
+                c,
+                c_rs,
+                c_cs,
+                bias,
+                act,
+            },
         ),
         Weights::PanelF16(b) => gemm_f16_with_threads(
             &ker.gemm_f16,
             ker.threads,
-            GemmF16 { m, n, k, a, a_rs, a_cs, b, c, c_rs, c_cs, bias, act },
+            GemmF16 {
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b,
+                c,
+                c_rs,
+                c_cs,
+                bias,
+                act,
+            },
         ),
         Weights::Plain(w) => {
             for i in 0..m {
                 for j in 0..n {
-                    let acc: f32 = (0..k).fold(0.0, |s, kk| s + a[i * a_rs + kk * a_cs] * w[j * k + kk]);
+                    let acc: f32 =
+                        (0..k).fold(0.0, |s, kk| s + a[i * a_rs + kk * a_cs] * w[j * k + kk]);
                     c[i * c_rs + j * c_cs] = math::apply(&act, acc + bias.map_or(0.0, |b| b[j]));
                 }
             }
         }
         Weights::Quantized(q) => {
-            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
-            let g = QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act };
+            assert_eq!(
+                a_cs, 1,
+                "compressed weights read contiguous activation rows"
+            );
+            let g = QGemm {
+                m,
+                a,
+                a_rs,
+                c,
+                c_rs,
+                c_cs,
+                bias,
+                act,
+            };
             if q.layout.int8_activations() {
                 qgemm::qgemm_q8(ker, &q, g, scratch)
             } else {
@@ -68,12 +107,40 @@ pub fn linear(
             }
         }
         Weights::Adapted(q) => {
-            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
-            q.gemm(QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act })
+            assert_eq!(
+                a_cs, 1,
+                "compressed weights read contiguous activation rows"
+            );
+            q.gemm(QGemm {
+                m,
+                a,
+                a_rs,
+                c,
+                c_rs,
+                c_cs,
+                bias,
+                act,
+            })
         }
         Weights::Sparse(s) => {
-            assert_eq!(a_cs, 1, "compressed weights read contiguous activation rows");
-            qgemm::sparse_gemm(ker, &s, QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act })
+            assert_eq!(
+                a_cs, 1,
+                "compressed weights read contiguous activation rows"
+            );
+            qgemm::sparse_gemm(
+                ker,
+                &s,
+                QGemm {
+                    m,
+                    a,
+                    a_rs,
+                    c,
+                    c_rs,
+                    c_cs,
+                    bias,
+                    act,
+                },
+            )
         }
     }
 }

@@ -60,7 +60,10 @@ impl Kernels {
 
     /// The same kernels with a thread budget (used with the `std` feature).
     pub fn with_threads(self, threads: usize) -> Kernels {
-        Kernels { threads: threads.max(1), ..self }
+        Kernels {
+            threads: threads.max(1),
+            ..self
+        }
     }
 
     /// The fastest kernels this CPU supports, on one thread (runtime detection with `std`,

@@ -46,7 +46,9 @@ pub fn bench(
         Executor::SingleThread
     };
     // Our runtime splits big kernels across the rayon pool when given a thread budget.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let budget = ours.kernels;
     ours.kernels = budget.with_threads(threads);
     let mut mine = Vec::new();

@@ -109,7 +109,9 @@ pub struct CompressReport {
 /// The recipe the flags (or the recipe file) describe.
 pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
     let mut r = match &a.recipe {
-        Some(p) => recipe::parse_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)?,
+        Some(p) => recipe::parse_toml(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
         None => Recipe::default(),
     };
     let mut primary = Vec::new();
@@ -128,7 +130,11 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
                 bail!("--scale-group {g}: must be a positive multiple of 32");
             }
         }
-        primary.push(Method::Codebook { bits: b, rows_per_table: recipe::parse_granularity(&a.group)?, scale_group: a.scale_group.unwrap_or(0) });
+        primary.push(Method::Codebook {
+            bits: b,
+            rows_per_table: recipe::parse_granularity(&a.group)?,
+            scale_group: a.scale_group.unwrap_or(0),
+        });
     }
     if let Some(g) = a.ternary {
         primary.push(Method::Ternary { group: g });
@@ -157,7 +163,9 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
             "unstructured" => Method::Unstructured { fraction: f, then },
             "channels" => {
                 if *then != Method::F32 {
-                    bail!("--pattern channels removes channels; compress the result in a second run");
+                    bail!(
+                        "--pattern channels removes channels; compress the result in a second run"
+                    );
                 }
                 Method::Channels { fraction: f }
             }
@@ -168,7 +176,9 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
                     bail!("--prune {f} with --pattern {p}: {p} prunes exactly {implied}");
                 }
                 if *then != Method::F32 {
-                    bail!("N:M sparse weights are stored as f16 values; drop the other encoding flag");
+                    bail!(
+                        "N:M sparse weights are stored as f16 values; drop the other encoding flag"
+                    );
                 }
                 Method::Sparse { keep, m }
             }
@@ -185,7 +195,11 @@ pub fn recipe_from_args(a: &CompressArgs) -> Result<Recipe> {
         if a.recipe.is_some() {
             bail!("--recipe and encoding flags both given: put the flags' rule into the recipe");
         }
-        r.rules.push(Rule { pattern: "*".into(), method: m, gptq: a.gptq });
+        r.rules.push(Rule {
+            pattern: "*".into(),
+            method: m,
+            gptq: a.gptq,
+        });
     } else if a.gptq {
         r.rules.iter_mut().for_each(|rule| rule.gptq = true);
     }
@@ -218,7 +232,16 @@ pub fn load_graph(path: &Path, inputs: &[InputSpec]) -> Result<Graph> {
 
 /// Whether a recipe needs Gram statistics for a layer (GPTQ or whitened low rank).
 fn wants_gram(r: &Recipe) -> bool {
-    r.rules.iter().any(|rule| rule.gptq || matches!(&rule.method, Method::LowRank { aware: LowRankKind::SvdLlm | LowRankKind::Asvd, .. }))
+    r.rules.iter().any(|rule| {
+        rule.gptq
+            || matches!(
+                &rule.method,
+                Method::LowRank {
+                    aware: LowRankKind::SvdLlm | LowRankKind::Asvd,
+                    ..
+                }
+            )
+    })
 }
 
 /// Compresses `g` by `recipe` with optional calibration data (run on `calib_graph`, the same
@@ -237,7 +260,9 @@ pub fn run_compress(
         None => None,
     };
     if wants_gram(recipe) && cal.is_none() {
-        bail!("GPTQ and activation-aware low rank need calibration data: give --calib name=file.npy");
+        bail!(
+            "GPTQ and activation-aware low rank need calibration data: give --calib name=file.npy"
+        );
     }
     let layers = compress(&mut g, recipe, cal.as_ref(), progress)?;
     let (bytes, _) = pack(&g)?;
@@ -258,7 +283,11 @@ fn calibration_graph(a: &CompressArgs, g: &Graph) -> Result<(Graph, Vec<npy::Arr
     let (b, _) = pack(g)?;
     let ours = Ours::from_bytes(AlignedBytes::from(&b[..]))?;
     let data = super::load_data(&ours, &a.calib)?;
-    let same = ours.inputs().iter().zip(&data).all(|(i, d)| i.shape[1..] == d.shape[1..]);
+    let same = ours
+        .inputs()
+        .iter()
+        .zip(&data)
+        .all(|(i, d)| i.shape[1..] == d.shape[1..]);
     if same {
         return Ok((g.clone(), data));
     }
@@ -269,7 +298,10 @@ fn calibration_graph(a: &CompressArgs, g: &Graph) -> Result<(Graph, Vec<npy::Arr
         .inputs()
         .iter()
         .zip(&data)
-        .map(|(i, d)| InputSpec { name: i.name.clone(), dims: [vec![d.shape[0].min(64)], d.shape[1..].to_vec()].concat() })
+        .map(|(i, d)| InputSpec {
+            name: i.name.clone(),
+            dims: [vec![d.shape[0].min(64)], d.shape[1..].to_vec()].concat(),
+        })
         .collect();
     Ok((import(&a.model, &specs, LowerOptions::default())?, data))
 }
@@ -278,14 +310,26 @@ fn calibration_graph(a: &CompressArgs, g: &Graph) -> Result<(Graph, Vec<npy::Arr
 pub fn run(a: &CompressArgs) -> Result<()> {
     let recipe = recipe_from_args(a)?;
     let g = load_graph(&a.model, &a.inputs)?;
-    let calib = if a.calib.is_empty() { None } else { Some(calibration_graph(a, &g)?) };
-    let (bytes, report) = run_compress(g, &recipe, calib.as_ref().map(|(cg, d)| (cg, &d[..])), !a.quiet && !a.json)?;
+    let calib = if a.calib.is_empty() {
+        None
+    } else {
+        Some(calibration_graph(a, &g)?)
+    };
+    let (bytes, report) = run_compress(
+        g,
+        &recipe,
+        calib.as_ref().map(|(cg, d)| (cg, &d[..])),
+        !a.quiet && !a.json,
+    )?;
     std::fs::write(&a.output, &bytes).with_context(|| format!("writing {}", a.output.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("{:<48} {:>11} {:<26} {:>10} {:>9}", "layer", "shape", "encoding", "bytes", "rel err");
+    println!(
+        "{:<48} {:>11} {:<26} {:>10} {:>9}",
+        "layer", "shape", "encoding", "bytes", "rel err"
+    );
     for l in &report.layers {
         println!(
             "{:<48} {:>11} {:<26} {:>10} {:>9.4}{}",
@@ -294,7 +338,10 @@ pub fn run(a: &CompressArgs) -> Result<()> {
             truncate(&l.method, 26),
             l.bytes,
             l.rel_error,
-            l.note.as_ref().map(|n| format!("  ({n})")).unwrap_or_default()
+            l.note
+                .as_ref()
+                .map(|n| format!("  ({n})"))
+                .unwrap_or_default()
         );
     }
     println!(
@@ -313,7 +360,14 @@ fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
-        let tail: String = s.chars().rev().take(n - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(n - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("…{tail}")
     }
 }

@@ -17,8 +17,8 @@ use serde::Serialize;
 use crate::ir::Graph;
 use crate::model_file::AlignedBytes;
 use crate::npy::{self, Array, ArrayData};
-use crate::runner::HostAdapter;
 use crate::pack::pack_with;
+use crate::runner::HostAdapter;
 use crate::zolog::{RunLog, StepEntry, ROLLBACK, SKIPPED, SNAPSHOT};
 
 /// `edgetune finetune`.
@@ -137,7 +137,9 @@ pub struct ReplayArgs {
 /// leaves the previous adapter (or log) whole, never a torn one.
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let name = path.file_name().ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let written = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -155,19 +157,30 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Rebuilds a run's adapter from its log alone: the initial adapter, then per step the
 /// perturbation arithmetic (regenerated from the seed) and the logged update.
 pub fn replay(model: &Model<'_>, log: &RunLog) -> Result<HostAdapter> {
-    let view = edgetune_core::adapter::AdapterView::from_bytes(&log.initial, model).map_err(|e| anyhow!("initial adapter: {e}"))?;
+    let view = edgetune_core::adapter::AdapterView::from_bytes(&log.initial, model)
+        .map_err(|e| anyhow!("initial adapter: {e}"))?;
     let entries: Vec<Entry> = (0..view.len()).map(|i| view.entry(i)).collect();
     let mut values: Vec<f32> = (0..view.value_count()).map(|i| view.value(i)).collect();
     let decay: Vec<bool> = {
         let mut v = vec![false; values.len()];
-        for e in entries.iter().filter(|e| matches!(e.kind, EntryKind::LoraA | EntryKind::LoraB)) {
+        for e in entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::LoraA | EntryKind::LoraB))
+        {
             v[e.range()].iter_mut().for_each(|d| *d = true);
         }
         v
     };
     let mut best = values.clone();
     for s in &log.steps {
-        train::replay_step(&mut values, &log.config, s.step, &s.g, s.flags & SKIPPED != 0, &|i| decay[i]);
+        train::replay_step(
+            &mut values,
+            &log.config,
+            s.step,
+            &s.g,
+            s.flags & SKIPPED != 0,
+            &|i| decay[i],
+        );
         if s.flags & SNAPSHOT != 0 {
             best.copy_from_slice(&values);
         }
@@ -184,11 +197,19 @@ pub fn replay(model: &Model<'_>, log: &RunLog) -> Result<HostAdapter> {
 /// Runs `edgetune replay`.
 pub fn run_replay(a: &ReplayArgs) -> Result<()> {
     let bytes = AlignedBytes::read(&a.model)?;
-    let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
-    let log = RunLog::parse(&std::fs::read(&a.log).with_context(|| format!("reading {}", a.log.display()))?)?;
+    let model =
+        Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
+    let log = RunLog::parse(
+        &std::fs::read(&a.log).with_context(|| format!("reading {}", a.log.display()))?,
+    )?;
     let host = replay(&model, &log)?;
     write_durably(&a.output, &host.to_bytes(&model)?)?;
-    println!("replayed {} steps into {} values; wrote {}", log.steps.len(), host.values.len(), a.output.display());
+    println!(
+        "replayed {} steps into {} values; wrote {}",
+        log.steps.len(),
+        host.values.len(),
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -232,34 +253,53 @@ pub struct FinetuneReport {
 }
 
 /// The adapter entries a `--trainable` list asks for, with their initial values.
-pub fn build_entries(model: &Model<'_>, spec: &str, lora_targets: &str, seed: u64) -> Result<(Vec<Entry>, Vec<f32>)> {
+pub fn build_entries(
+    model: &Model<'_>,
+    spec: &str,
+    lora_targets: &str,
+    seed: u64,
+) -> Result<(Vec<Entry>, Vec<f32>)> {
     let mut values = vec![0f32; 0];
     let mut work = vec![0f32; 0];
     // Sizes first: add to an adapter with a large enough buffer.
     let mut total = 0usize;
     let mut want: Vec<(EntryKind, u32, u16, f32)> = Vec::new();
     let n_ops = model.op_count();
-    let last_dense = (0..n_ops).rev().find(|&i| matches!(model.op(i).op, Op::Dense(_)));
+    let last_dense = (0..n_ops)
+        .rev()
+        .find(|&i| matches!(model.op(i).op, Op::Dense(_)));
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, opts) = item.split_once(':').unwrap_or((item, ""));
         let mut found = false;
         for i in 0..n_ops {
             let op = model.op(i);
-            let linear = matches!(op.op, Op::Dense(_) | Op::Conv(edgetune_core::ops::Conv { groups: 1, .. }));
+            let linear = matches!(
+                op.op,
+                Op::Dense(_) | Op::Conv(edgetune_core::ops::Conv { groups: 1, .. })
+            );
             let qblock = linear && model.tensor(op.input(1)).meta.encoding == Encoding::QBlock;
             let add: Vec<(EntryKind, u16, f32)> = match name {
-                "bias" if matches!(op.op, Op::Dense(_) | Op::Conv(_)) => vec![(EntryKind::Bias, 0, 0.0)],
+                "bias" if matches!(op.op, Op::Dense(_) | Op::Conv(_)) => {
+                    vec![(EntryKind::Bias, 0, 0.0)]
+                }
                 "scales" if qblock => vec![(EntryKind::LogScale, 0, 0.0)],
                 "centroids" if qblock => vec![(EntryKind::Centroids, 0, 0.0)],
-                "norm" if matches!(op.op, Op::LayerNorm { .. }) => vec![(EntryKind::NormGain, 0, 0.0), (EntryKind::NormBias, 0, 0.0)],
+                "norm" if matches!(op.op, Op::LayerNorm { .. }) => {
+                    vec![(EntryKind::NormGain, 0, 0.0), (EntryKind::NormBias, 0, 0.0)]
+                }
                 "head" if Some(i) == last_dense => vec![(EntryKind::Head, 0, 0.0)],
                 "lora" if linear && crate::compress::recipe::glob(lora_targets, op.name) => {
                     let mut r = 4u16;
                     let mut alpha = None;
                     for kv in opts.split(':').filter(|s| !s.is_empty()) {
                         match kv.split_once('=') {
-                            Some(("r", v)) => r = v.parse().with_context(|| format!("lora rank {v:?}"))?,
-                            Some(("alpha", v)) => alpha = Some(v.parse().with_context(|| format!("lora alpha {v:?}"))?),
+                            Some(("r", v)) => {
+                                r = v.parse().with_context(|| format!("lora rank {v:?}"))?
+                            }
+                            Some(("alpha", v)) => {
+                                alpha =
+                                    Some(v.parse().with_context(|| format!("lora alpha {v:?}"))?)
+                            }
                             _ => bail!("lora options are r=R and alpha=A, not {kv:?}"),
                         }
                     }
@@ -267,10 +307,13 @@ pub fn build_entries(model: &Model<'_>, spec: &str, lora_targets: &str, seed: u6
                     vec![(EntryKind::LoraA, r, alpha), (EntryKind::LoraB, r, alpha)]
                 }
                 "bias" | "scales" | "centroids" | "norm" | "head" | "lora" => vec![],
-                other => bail!("unknown trainable {other:?} (bias, scales, centroids, norm, head, lora:r=R)"),
+                other => bail!(
+                    "unknown trainable {other:?} (bias, scales, centroids, norm, head, lora:r=R)"
+                ),
             };
             for (kind, rank, alpha) in add {
-                let (rows, cols) = edgetune_core::adapter::expected_shape(model, kind, i, rank).map_err(|w| anyhow!("{name} on op {i}: {w}"))?;
+                let (rows, cols) = edgetune_core::adapter::expected_shape(model, kind, i, rank)
+                    .map_err(|w| anyhow!("{name} on op {i}: {w}"))?;
                 total += (rows * cols) as usize;
                 want.push((kind, i, rank, alpha));
                 found = true;
@@ -281,7 +324,12 @@ pub fn build_entries(model: &Model<'_>, spec: &str, lora_targets: &str, seed: u6
         }
     }
     values.resize(total, 0.0);
-    let work_len = want.iter().filter(|w| w.0 == EntryKind::LoraA).map(|w| lora_workspace(model, w.1, w.2)).max().unwrap_or(0);
+    let work_len = want
+        .iter()
+        .filter(|w| w.0 == EntryKind::LoraA)
+        .map(|w| lora_workspace(model, w.1, w.2))
+        .max()
+        .unwrap_or(0);
     work.resize(work_len, 0.0);
     let mut ad = Adapter::empty(&mut values, &mut work);
     for (kind, op, rank, alpha) in want {
@@ -293,9 +341,22 @@ pub fn build_entries(model: &Model<'_>, spec: &str, lora_targets: &str, seed: u6
             },
             EntryKind::Centroids => {
                 let w = model.tensor(info.input(1));
-                let l = edgetune_core::layout::QBlockLayout::new(w.meta.shape.dim(0), w.meta.shape.dim(1), w.params).unwrap();
+                let l = edgetune_core::layout::QBlockLayout::new(
+                    w.meta.shape.dim(0),
+                    w.meta.shape.dim(1),
+                    w.params,
+                )
+                .unwrap();
                 let b = model.const_bytes(info.input(1));
-                (0..l.tables * l.entries()).map(|i| half::f16::from_bits(u16::from_le_bytes([b[l.lut_off + 2 * i], b[l.lut_off + 2 * i + 1]])).to_f32()).collect()
+                (0..l.tables * l.entries())
+                    .map(|i| {
+                        half::f16::from_bits(u16::from_le_bytes([
+                            b[l.lut_off + 2 * i],
+                            b[l.lut_off + 2 * i + 1],
+                        ]))
+                        .to_f32()
+                    })
+                    .collect()
             }
             EntryKind::NormGain => match info.n_inputs() > 1 {
                 true => read_f32(model, info.input(1)),
@@ -311,19 +372,32 @@ pub fn build_entries(model: &Model<'_>, spec: &str, lora_targets: &str, seed: u6
                 let k = model.tensor(info.input(1)).meta.shape.dim(1);
                 let key = train::direction_key(seed ^ 0x4c6f_5241, op, 0);
                 let s = 1.0 / (k as f32).sqrt();
-                (0..rank as usize * k).map(|i| s * train::perturbation(key, i as u32, Perturbation::Gaussian)).collect()
+                (0..rank as usize * k)
+                    .map(|i| s * train::perturbation(key, i as u32, Perturbation::Gaussian))
+                    .collect()
             }
             _ => vec![],
         };
-        let fill = if kind == EntryKind::NormGain { 1.0 } else { 0.0 };
-        ad.add(model, kind, op, rank, alpha, |i| init.get(i).copied().unwrap_or(fill)).map_err(|e| anyhow!("{e}"))?;
+        let fill = if kind == EntryKind::NormGain {
+            1.0
+        } else {
+            0.0
+        };
+        ad.add(model, kind, op, rank, alpha, |i| {
+            init.get(i).copied().unwrap_or(fill)
+        })
+        .map_err(|e| anyhow!("{e}"))?;
     }
     let entries = ad.entries().to_vec();
     Ok((entries, ad.values().to_vec()))
 }
 
 fn read_f32(model: &Model<'_>, id: u32) -> Vec<f32> {
-    model.const_bytes(id).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    model
+        .const_bytes(id)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 /// The f32 values of a weight as the model stores it (any encoding).
@@ -336,9 +410,19 @@ fn decoded_weight(model: &Model<'_>, id: u32) -> Result<Vec<f32>> {
         Encoding::PanelF32 => {
             let p = edgetune_core::PANEL;
             let f = |i: usize| f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
-            (0..n * k).map(|i| f((i / k / p * k + i % k) * p + (i / k) % p)).collect()
+            (0..n * k)
+                .map(|i| f((i / k / p * k + i % k) * p + (i / k) % p))
+                .collect()
         }
-        e => edgetune_quant::encode::decode(&edgetune_quant::encode::Encoded { encoding: e, bytes: bytes.to_vec(), params: t.params }, n, k)?,
+        e => edgetune_quant::encode::decode(
+            &edgetune_quant::encode::Encoded {
+                encoding: e,
+                bytes: bytes.to_vec(),
+                params: t.params,
+            },
+            n,
+            k,
+        )?,
     })
 }
 
@@ -360,14 +444,19 @@ pub fn zo_config(a: &FinetuneArgs) -> ZoConfig {
         directions: a.directions,
         one_sided: a.one_sided,
         rule: if a.sign { Rule::SignSgd } else { Rule::Sgd },
-        perturbation: if a.rademacher { Perturbation::Rademacher } else { Perturbation::Gaussian },
+        perturbation: if a.rademacher {
+            Perturbation::Rademacher
+        } else {
+            Perturbation::Gaussian
+        },
     }
 }
 
 /// Runs the command.
 pub fn run(a: &FinetuneArgs) -> Result<()> {
     let bytes = AlignedBytes::read(&a.model)?;
-    let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
+    let model =
+        Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
     let (entries, values) = build_entries(&model, &a.trainable, &a.lora_targets, a.seed)?;
     let mut host = HostAdapter::new(&model, entries, values);
     if let Some(opt) = &a.first_order {
@@ -376,18 +465,25 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let initial = host.to_bytes(&model)?;
     let cfg = zo_config(a);
     let mut x = load_named(&model, &a.train)?;
-    let mut labels = a.labels.as_ref().map(|p| npy::read(p).map(|l| l.to_i64())).transpose()?;
+    let mut labels = a
+        .labels
+        .as_ref()
+        .map(|p| npy::read(p).map(|l| l.to_i64()))
+        .transpose()?;
     let mut targets = a.targets.as_ref().map(|p| npy::read(p)).transpose()?;
     let val = match (a.val.is_empty(), &a.val_labels, a.val_fraction) {
         (false, Some(l), None) => Some((load_named(&model, &a.val)?, npy::read(l)?.to_i64())),
         (true, None, Some(f)) => {
-            let Some(l) = labels.as_mut() else { bail!("--val-fraction needs --labels") };
+            let Some(l) = labels.as_mut() else {
+                bail!("--val-fraction needs --labels")
+            };
             if !(0.0..1.0).contains(&f) {
                 bail!("--val-fraction {f}: must be in [0, 1)");
             }
             let n = x[0].shape[0];
             let keep = n - ((n as f64 * f).round() as usize).min(n - 1);
-            let (tx, vx): (Vec<Array>, Vec<Array>) = x.iter().map(|xi| split_rows(xi, keep)).unzip();
+            let (tx, vx): (Vec<Array>, Vec<Array>) =
+                x.iter().map(|xi| split_rows(xi, keep)).unzip();
             let vl = l.split_off(keep);
             if let Some(t) = targets.as_mut() {
                 *t = split_rows(t, keep).0;
@@ -398,16 +494,49 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         (true, None, None) => None,
         _ => bail!("give --val with --val-labels, or --val-fraction"),
     };
-    let out = train_zo(&model, &mut host, &cfg, a, &x, labels.as_deref(), targets.as_ref(), val.as_ref())?;
+    let out = train_zo(
+        &model,
+        &mut host,
+        &cfg,
+        a,
+        &x,
+        labels.as_deref(),
+        targets.as_ref(),
+        val.as_ref(),
+    )?;
     let _ = &mut targets;
     let (report, log_steps, curve) = out;
     let eta = host.to_bytes(&model)?;
     write_durably(&a.output, &eta)?;
-    let log_path = a.log.clone().unwrap_or_else(|| a.output.with_extension("ztl"));
-    write_durably(&log_path, &RunLog { config: cfg, initial, keep_best: val.is_some(), steps: log_steps }.to_bytes())?;
-    let plot_path = a.plot.clone().unwrap_or_else(|| a.output.with_extension("svg"));
+    let log_path = a
+        .log
+        .clone()
+        .unwrap_or_else(|| a.output.with_extension("ztl"));
+    write_durably(
+        &log_path,
+        &RunLog {
+            config: cfg,
+            initial,
+            keep_best: val.is_some(),
+            steps: log_steps,
+        }
+        .to_bytes(),
+    )?;
+    let plot_path = a
+        .plot
+        .clone()
+        .unwrap_or_else(|| a.output.with_extension("svg"));
     let (train_curve, val_curve) = curve;
-    if let Err(e) = crate::plot::lines(&plot_path, "zeroth-order fine-tuning", "step", "loss", &[("train loss (smoothed)", train_curve), ("validation loss", val_curve)]) {
+    if let Err(e) = crate::plot::lines(
+        &plot_path,
+        "zeroth-order fine-tuning",
+        "step",
+        "loss",
+        &[
+            ("train loss (smoothed)", train_curve),
+            ("validation loss", val_curve),
+        ],
+    ) {
         eprintln!("warning: {e:#}");
     }
     if a.json {
@@ -417,9 +546,16 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
             "trained {} values for {} steps ({} forward passes) in {:.1} s ({:.0} steps/s); skipped {}, rollbacks {}",
             report.trainables, report.steps, report.forwards, report.seconds, report.steps_per_second, report.skipped, report.rollbacks
         );
-        println!("training loss {:.6} (first 50 steps) -> {:.6} (last 50)", report.train_loss.0, report.train_loss.1);
+        println!(
+            "training loss {:.6} (first 50 steps) -> {:.6} (last 50)",
+            report.train_loss.0, report.train_loss.1
+        );
         if let (Some(b), Some(best)) = (report.val_accuracy_before, report.val_accuracy_best) {
-            println!("validation accuracy {:.2}% -> {:.2}% (best, saved)", 100.0 * b, 100.0 * best);
+            println!(
+                "validation accuracy {:.2}% -> {:.2}% (best, saved)",
+                100.0 * b,
+                100.0 * best
+            );
         }
         println!(
             "memory: arena {} B (inference: {} B) + adapter values {} B + workspace {} B; prefix of {} of {} ops cached",
@@ -430,13 +566,23 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
             report.prefix_ops,
             report.ops
         );
-        println!("wrote {}, {}, {}", a.output.display(), log_path.display(), plot_path.display());
+        println!(
+            "wrote {}, {}, {}",
+            a.output.display(),
+            log_path.display(),
+            plot_path.display()
+        );
     }
     Ok(())
 }
 
 /// `edgetune finetune --first-order`: the same trainables by backprop through the tail.
-fn run_first_order(a: &FinetuneArgs, model: &Model<'_>, host: &mut HostAdapter, opt: &str) -> Result<()> {
+fn run_first_order(
+    a: &FinetuneArgs,
+    model: &Model<'_>,
+    host: &mut HostAdapter,
+    opt: &str,
+) -> Result<()> {
     use crate::finetune::backprop::{Backprop, FirstOrderConfig, Optimizer};
     let optimizer = match opt {
         "adam" => Optimizer::Adam { lr: a.lr },
@@ -450,16 +596,27 @@ fn run_first_order(a: &FinetuneArgs, model: &Model<'_>, host: &mut HostAdapter, 
     if x.len() != 1 {
         bail!("--first-order takes models with one input");
     }
-    let labels = npy::read(a.labels.as_ref().ok_or_else(|| anyhow!("--first-order needs --labels"))?)?.to_i64();
+    let labels = npy::read(
+        a.labels
+            .as_ref()
+            .ok_or_else(|| anyhow!("--first-order needs --labels"))?,
+    )?
+    .to_i64();
     let mut bp = Backprop::new(*model, &host.entries)?;
-    let cfg = FirstOrderConfig { optimizer, steps: a.steps, seed: a.seed, weight_decay: a.wd };
+    let cfg = FirstOrderConfig {
+        optimizer,
+        steps: a.steps,
+        seed: a.seed,
+        weight_decay: a.wd,
+    };
     let data = x[0].to_f32();
     let started = Instant::now();
     let log = bp.train(&mut host.values, &data, &labels, &cfg)?;
     let seconds = started.elapsed().as_secs_f64();
     write_durably(&a.output, &host.to_bytes(model)?)?;
     let tail = log.len().saturating_sub(20);
-    let last = log[tail..].iter().map(|l| l.1 as f64).sum::<f64>() / (log.len() - tail).max(1) as f64;
+    let last =
+        log[tail..].iter().map(|l| l.1 as f64).sum::<f64>() / (log.len() - tail).max(1) as f64;
     println!(
         "first-order ({opt}) trained {} values for {} steps ({} forward + {} backward passes) in {seconds:.1} s; final train loss {last:.4}; wrote {}",
         host.values.len(),
@@ -479,13 +636,26 @@ pub fn load_named(model: &Model<'_>, args: &[String]) -> Result<Vec<Array>> {
         let (name, path) = match arg.split_once('=') {
             Some((n, p)) => (n.to_string(), p.to_string()),
             None if names.len() == 1 => (names[0].clone(), arg.clone()),
-            None => bail!("give inputs as name=file.npy (inputs: {})", names.join(", ")),
+            None => bail!(
+                "give inputs as name=file.npy (inputs: {})",
+                names.join(", ")
+            ),
         };
-        let i = names.iter().position(|n| *n == name).ok_or_else(|| anyhow!("the model has no input {name}"))?;
+        let i = names
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| anyhow!("the model has no input {name}"))?;
         found[i] = Some(npy::read(Path::new(&path))?);
     }
-    let arrays: Vec<Array> = found.into_iter().zip(&names).map(|(a, n)| a.ok_or_else(|| anyhow!("no data for input {n}"))).collect::<Result<_>>()?;
-    if arrays.iter().any(|a| a.shape.first() != arrays[0].shape.first()) {
+    let arrays: Vec<Array> = found
+        .into_iter()
+        .zip(&names)
+        .map(|(a, n)| a.ok_or_else(|| anyhow!("no data for input {n}")))
+        .collect::<Result<_>>()?;
+    if arrays
+        .iter()
+        .any(|a| a.shape.first() != arrays[0].shape.first())
+    {
         bail!("input arrays hold different sample counts");
     }
     Ok(arrays)
@@ -506,7 +676,12 @@ impl Batcher {
             let t = model.tensor(io.tensor);
             let p = t.meta.shape.numel() / batch;
             if a.shape[1..].iter().product::<usize>() != p {
-                bail!("data for {} is {:?}, the model takes {} (batch {batch})", io.name, a.shape, t.meta.shape);
+                bail!(
+                    "data for {} is {:?}, the model takes {} (batch {batch})",
+                    io.name,
+                    a.shape,
+                    t.meta.shape
+                );
             }
             per.push(p);
         }
@@ -549,12 +724,24 @@ fn split_rows(a: &Array, at: usize) -> (Array, Array) {
     let shape = |n: usize| [vec![n], a.shape[1..].to_vec()].concat();
     match &a.data {
         ArrayData::I64(v) => (
-            Array { shape: shape(at), data: ArrayData::I64(v[..at * per].to_vec()) },
-            Array { shape: shape(a.shape[0] - at), data: ArrayData::I64(v[at * per..].to_vec()) },
+            Array {
+                shape: shape(at),
+                data: ArrayData::I64(v[..at * per].to_vec()),
+            },
+            Array {
+                shape: shape(a.shape[0] - at),
+                data: ArrayData::I64(v[at * per..].to_vec()),
+            },
         ),
         _ => (
-            Array { shape: shape(at), data: ArrayData::F32(v[..at * per].to_vec()) },
-            Array { shape: shape(a.shape[0] - at), data: ArrayData::F32(v[at * per..].to_vec()) },
+            Array {
+                shape: shape(at),
+                data: ArrayData::F32(v[..at * per].to_vec()),
+            },
+            Array {
+                shape: shape(a.shape[0] - at),
+                data: ArrayData::F32(v[at * per..].to_vec()),
+            },
         ),
     }
 }
@@ -600,15 +787,24 @@ pub fn train_zo(
     // A training plan: the prefix before the first adapted op is computed once per minibatch.
     let first = host.entries.iter().map(|e| e.op).min().unwrap_or(0);
     // The cached prefix holds one forward pass's samples.
-    let prefix = if a.no_prefix_cache || passes > 1 { 0 } else { first };
+    let prefix = if a.no_prefix_cache || passes > 1 {
+        0
+    } else {
+        first
+    };
     let train_bytes = {
         let g = Graph::from_model(model)?;
         let (b, _) = pack_with(&g, (prefix > 0).then_some(prefix as usize))?;
         AlignedBytes::from(&b[..])
     };
-    let tmodel = Model::from_bytes(train_bytes.as_bytes()).map_err(|e| anyhow!("training plan: {e}"))?;
+    let tmodel =
+        Model::from_bytes(train_bytes.as_bytes()).map_err(|e| anyhow!("training plan: {e}"))?;
     let mut arena = AlignedBytes::zeroed(tmodel.arena_bytes() as usize);
-    let kernels = if a.reference_kernels { Kernels::reference() } else { Kernels::best() };
+    let kernels = if a.reference_kernels {
+        Kernels::reference()
+    } else {
+        Kernels::best()
+    };
     let mut session = Session::with_kernels(&tmodel, arena.as_bytes_mut(), kernels)?;
     let ops = tmodel.op_count();
     let decay_from: Vec<bool> = {
@@ -633,7 +829,10 @@ pub fn train_zo(
     let mut train_curve = Vec::new();
     let mut val_curve = Vec::new();
     let mut smooth = f32::NAN;
-    let (mut loss_head, mut loss_tail) = (Vec::with_capacity(50), std::collections::VecDeque::with_capacity(50));
+    let (mut loss_head, mut loss_tail) = (
+        Vec::with_capacity(50),
+        std::collections::VecDeque::with_capacity(50),
+    );
     let (mut skipped, mut rollbacks) = (0, 0);
     let bar = (!a.quiet && !a.json).then(|| {
         let b = indicatif::ProgressBar::new(a.steps as u64);
@@ -642,11 +841,14 @@ pub fn train_zo(
     });
     let entries = host.entries.clone();
     let validate = |session: &mut Session<'_, '_>, values: &[f32]| -> Result<(f32, f64)> {
-        let Some((vx, vy)) = val else { return Ok((f32::NAN, f64::NAN)) };
+        let Some((vx, vy)) = val else {
+            return Ok((f32::NAN, f64::NAN));
+        };
         let mut vb = Batcher::new(model, vx, batch)?;
         let mut vals = values.to_vec();
         let mut work = vec![0f32; work_len];
-        let mut ad = Adapter::from_parts(model, &entries, &mut vals, &mut work).map_err(|e| anyhow!("{e}"))?;
+        let mut ad = Adapter::from_parts(model, &entries, &mut vals, &mut work)
+            .map_err(|e| anyhow!("{e}"))?;
         let (mut loss, mut hits, mut count) = (0f64, 0usize, 0usize);
         for start in (0..vy.len()).step_by(batch) {
             let idx: Vec<usize> = (0..batch).map(|j| (start + j).min(vy.len() - 1)).collect();
@@ -655,8 +857,11 @@ pub fn train_zo(
             let out = session.output::<f32>(0)?;
             let real = (vy.len() - start).min(batch);
             let labs = idx[..real].iter().map(|&i| vy[i] as usize);
-            loss += train::cross_entropy(&out[..real * classes], classes, labs.clone()) as f64 * real as f64;
-            hits += real - (train::error_rate(&out[..real * classes], classes, labs) * real as f32).round() as usize;
+            loss += train::cross_entropy(&out[..real * classes], classes, labs.clone()) as f64
+                * real as f64;
+            hits += real
+                - (train::error_rate(&out[..real * classes], classes, labs) * real as f32).round()
+                    as usize;
             count += real;
         }
         Ok(((loss / count as f64) as f32, hits as f64 / count as f64))
@@ -671,7 +876,8 @@ pub fn train_zo(
     let started = Instant::now();
     let mut forwards = 0u64;
     {
-        let mut ad = Adapter::from_parts(model, &entries, &mut host.values, &mut host.work).map_err(|e| anyhow!("{e}"))?;
+        let mut ad = Adapter::from_parts(model, &entries, &mut host.values, &mut host.work)
+            .map_err(|e| anyhow!("{e}"))?;
         for step in 0..a.steps {
             for i in idx.iter_mut() {
                 *i = sampler.next_index();
@@ -720,7 +926,11 @@ pub fn train_zo(
             }
             let mut flags = if rec.skipped { SKIPPED } else { 0 };
             skipped += rec.skipped as u32;
-            smooth = if smooth.is_nan() { rec.loss } else { 0.98 * smooth + 0.02 * rec.loss };
+            smooth = if smooth.is_nan() {
+                rec.loss
+            } else {
+                0.98 * smooth + 0.02 * rec.loss
+            };
             if rec.loss.is_finite() {
                 if loss_head.len() < 50 {
                     loss_head.push(rec.loss as f64);
@@ -749,12 +959,21 @@ pub fn train_zo(
                     rollbacks += 1;
                 }
             }
-            log.push(StepEntry { step, flags, g: rec.g[..cfg.directions as usize].to_vec() });
+            log.push(StepEntry {
+                step,
+                flags,
+                g: rec.g[..cfg.directions as usize].to_vec(),
+            });
             if let Some(b) = &bar {
                 b.inc(1);
                 if step % 20 == 0 {
                     let sps = (step + 1) as f64 / started.elapsed().as_secs_f64();
-                    b.set_message(format!("loss {smooth:.4} val acc {} {sps:.0} steps/s", val_best.map(|v| format!("{:.2}%", 100.0 * v)).unwrap_or("-".into())));
+                    b.set_message(format!(
+                        "loss {smooth:.4} val acc {} {sps:.0} steps/s",
+                        val_best
+                            .map(|v| format!("{:.2}%", 100.0 * v))
+                            .unwrap_or("-".into())
+                    ));
                 }
             }
         }

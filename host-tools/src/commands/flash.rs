@@ -118,7 +118,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         Some(b'M' | b'm') => (&t[..t.len() - 1], 1 << 20),
         _ => (t, 1),
     };
-    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)).ok_or_else(|| format!("{s:?}: expected a size like 65536, 64K or 1M"))
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("{s:?}: expected a size like 65536, 64K or 1M"))
 }
 
 /// What the image needs, estimated from the model and data before anything is built.
@@ -168,10 +172,20 @@ impl Budget {
             ));
         }
         if self.ram() > ram {
-            over.push(format!("RAM: needs {} B (arena {} B + fine-tuning buffers {} B) of {} B, {} B over", self.ram(), self.arena, self.trainer, ram, self.ram() - ram));
+            over.push(format!(
+                "RAM: needs {} B (arena {} B + fine-tuning buffers {} B) of {} B, {} B over",
+                self.ram(),
+                self.arena,
+                self.trainer,
+                ram,
+                self.ram() - ram
+            ));
         }
         if !over.is_empty() {
-            bail!("the model does not fit {board}: {}; nothing was built", over.join("; "));
+            bail!(
+                "the model does not fit {board}: {}; nothing was built",
+                over.join("; ")
+            );
         }
         Ok(())
     }
@@ -179,9 +193,14 @@ impl Budget {
 
 /// The first `count` samples of an f32 input, as little-endian bytes.
 fn f32_samples(a: &Array, count: usize, per: usize, what: &str) -> Result<(Vec<u8>, Array)> {
-    let ArrayData::F32(v) = &a.data else { bail!("{what}: f32 inputs expected, got {:?}", a.dtype()) };
+    let ArrayData::F32(v) = &a.data else {
+        bail!("{what}: f32 inputs expected, got {:?}", a.dtype())
+    };
     if a.shape.iter().skip(1).product::<usize>() != per {
-        bail!("{what}: samples of {:?}, the model takes {per} values per sample", &a.shape[1..]);
+        bail!(
+            "{what}: samples of {:?}, the model takes {per} values per sample",
+            &a.shape[1..]
+        );
     }
     let n = count.min(a.shape[0]);
     if n == 0 {
@@ -190,7 +209,13 @@ fn f32_samples(a: &Array, count: usize, per: usize, what: &str) -> Result<(Vec<u
     let vals = &v[..n * per];
     let mut shape = a.shape.clone();
     shape[0] = n;
-    Ok((vals.iter().flat_map(|x| x.to_le_bytes()).collect(), Array { shape, data: ArrayData::F32(vals.to_vec()) }))
+    Ok((
+        vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Array {
+            shape,
+            data: ArrayData::F32(vals.to_vec()),
+        },
+    ))
 }
 
 fn byte_labels(path: &Path, n: usize) -> Result<Vec<u8>> {
@@ -198,23 +223,33 @@ fn byte_labels(path: &Path, n: usize) -> Result<Vec<u8>> {
     if l.len() < n {
         bail!("{}: {} labels for {n} samples", path.display(), l.len());
     }
-    l[..n].iter().map(|&v| u8::try_from(v).map_err(|_| anyhow!("{}: label {v} is outside 0..=255", path.display()))).collect()
+    l[..n]
+        .iter()
+        .map(|&v| {
+            u8::try_from(v).map_err(|_| anyhow!("{}: label {v} is outside 0..=255", path.display()))
+        })
+        .collect()
 }
 
 fn value_of(spec: &str) -> Result<&str> {
-    spec.split_once('=').map(|(_, p)| p).ok_or_else(|| anyhow!("{spec:?}: expected name=file.npy"))
+    spec.split_once('=')
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("{spec:?}: expected name=file.npy"))
 }
 
 /// The `--finetune` keys as `edgetune finetune` flags.
 fn finetune_flags(spec: &str) -> Result<(Vec<String>, u32, usize)> {
     let (mut flags, mut steps, mut batch) = (Vec::new(), 0u32, 16usize);
     for kv in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some((k, v)) = kv.split_once('=') else { bail!("--finetune {kv:?}: expected key=value") };
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--finetune {kv:?}: expected key=value")
+        };
         match k {
             "steps" => steps = v.parse().with_context(|| format!("--finetune {kv}"))?,
             "batch" => batch = v.parse().with_context(|| format!("--finetune {kv}"))?,
             "lr" | "eps" | "wd" | "clip" | "seed" => {
-                v.parse::<f64>().with_context(|| format!("--finetune {kv}"))?;
+                v.parse::<f64>()
+                    .with_context(|| format!("--finetune {kv}"))?;
                 flags.extend([format!("--{k}"), v.to_string()]);
             }
             _ => bail!("--finetune {k}: the keys are steps, batch, lr, eps, wd, clip, seed"),
@@ -223,7 +258,12 @@ fn finetune_flags(spec: &str) -> Result<(Vec<String>, u32, usize)> {
     if batch == 0 {
         bail!("--finetune batch=0: at least one sample per step");
     }
-    flags.extend(["--steps".into(), steps.to_string(), "--batch".into(), batch.to_string()]);
+    flags.extend([
+        "--steps".into(),
+        steps.to_string(),
+        "--batch".into(),
+        batch.to_string(),
+    ]);
     Ok((flags, steps, batch))
 }
 
@@ -236,7 +276,11 @@ struct Printed {
 
 fn parse_line(line: &str, p: &mut Printed) -> Result<()> {
     if let Some(rest) = line.strip_prefix("inference: accuracy ") {
-        let hits = rest.split('/').next().and_then(|h| h.parse().ok()).ok_or_else(|| anyhow!("firmware printed {line:?}"))?;
+        let hits = rest
+            .split('/')
+            .next()
+            .and_then(|h| h.parse().ok())
+            .ok_or_else(|| anyhow!("firmware printed {line:?}"))?;
         p.inference_hits = Some(hits);
     } else if let Some(hex) = line.strip_prefix("adapter-hex: ") {
         let hex = hex.trim();
@@ -244,7 +288,10 @@ fn parse_line(line: &str, p: &mut Printed) -> Result<()> {
             bail!("firmware printed an odd-length adapter line");
         }
         for i in (0..hex.len()).step_by(2) {
-            p.adapter.push(u8::from_str_radix(&hex[i..i + 2], 16).with_context(|| format!("adapter line {hex:?}"))?);
+            p.adapter.push(
+                u8::from_str_radix(&hex[i..i + 2], 16)
+                    .with_context(|| format!("adapter line {hex:?}"))?,
+            );
         }
     }
     Ok(())
@@ -252,23 +299,49 @@ fn parse_line(line: &str, p: &mut Printed) -> Result<()> {
 
 /// Runs the command.
 pub fn run(a: &FlashArgs) -> Result<()> {
-    let board = BOARDS
-        .iter()
-        .find(|b| b.name == a.board)
-        .ok_or_else(|| anyhow!("--board {}: edgetune builds for {}", a.board, BOARDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")))?;
+    let board = BOARDS.iter().find(|b| b.name == a.board).ok_or_else(|| {
+        anyhow!(
+            "--board {}: edgetune builds for {}",
+            a.board,
+            BOARDS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+        )
+    })?;
     let bytes = AlignedBytes::read(&a.model)?;
-    let model = Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
-    let (flash, ram) = (a.flash_budget.unwrap_or(board.flash), a.ram_budget.unwrap_or(board.ram));
+    let model =
+        Model::from_bytes(bytes.as_bytes()).map_err(|e| anyhow!("{}: {e}", a.model.display()))?;
+    let (flash, ram) = (
+        a.flash_budget.unwrap_or(board.flash),
+        a.ram_budget.unwrap_or(board.ram),
+    );
     // The model alone first: a model that cannot fit is told so before anything else.
     let arena = model.arena_bytes().div_ceil(64) * 64;
-    Budget { model: bytes.as_bytes().len() as u64, data: 0, arena, trainer: 0 }.check(board.name, flash, ram)?;
-    let (Some(input), Some(_)) = (model.input(0), model.output(0)) else { bail!("{}: the firmware needs a model with an input and an output", a.model.display()) };
+    Budget {
+        model: bytes.as_bytes().len() as u64,
+        data: 0,
+        arena,
+        trainer: 0,
+    }
+    .check(board.name, flash, ram)?;
+    let (Some(input), Some(_)) = (model.input(0), model.output(0)) else {
+        bail!(
+            "{}: the firmware needs a model with an input and an output",
+            a.model.display()
+        )
+    };
     if model.inputs().count() != 1 {
-        bail!("{}: the firmware feeds one input, this model has {}", a.model.display(), model.inputs().count());
+        bail!(
+            "{}: the firmware feeds one input, this model has {}",
+            a.model.display(),
+            model.inputs().count()
+        );
     }
     let shape = model.tensor(input.tensor).meta.shape;
     if shape.dim(0) != 1 {
-        bail!("{}: the firmware runs one sample at a time; import or compress with --input {}=1x...", a.model.display(), input.name);
+        bail!(
+            "{}: the firmware runs one sample at a time; import or compress with --input {}=1x...",
+            a.model.display(),
+            input.name
+        );
     }
     let per = shape.numel();
 
@@ -278,18 +351,33 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let work = std::fs::canonicalize(&work)?;
-    let mut env: Vec<(&str, String)> = vec![("EDGETUNE_MODEL", std::fs::canonicalize(&a.model)?.display().to_string())];
+    let mut env: Vec<(&str, String)> = vec![(
+        "EDGETUNE_MODEL",
+        std::fs::canonicalize(&a.model)?.display().to_string(),
+    )];
     let put = |name: &str, data: &[u8]| -> Result<String> {
         let p = work.join(name);
         std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))?;
         Ok(p.display().to_string())
     };
 
-    let mut budget = Budget { model: bytes.as_bytes().len() as u64, data: 0, arena, trainer: 0 };
+    let mut budget = Budget {
+        model: bytes.as_bytes().len() as u64,
+        data: 0,
+        arena,
+        trainer: 0,
+    };
     let mut test = None;
     if let Some(spec) = &a.data {
-        let Some(lp) = &a.labels else { bail!("--data needs --labels") };
-        let (xb, x) = f32_samples(&npy::read(Path::new(value_of(spec)?))?, a.count, per, "--data")?;
+        let Some(lp) = &a.labels else {
+            bail!("--data needs --labels")
+        };
+        let (xb, x) = f32_samples(
+            &npy::read(Path::new(value_of(spec)?))?,
+            a.count,
+            per,
+            "--data",
+        )?;
         let y = byte_labels(lp, x.shape[0])?;
         budget.data += (xb.len() + y.len()) as u64;
         env.push(("EDGETUNE_TEST_DATA", put("test_x.bin", &xb)?));
@@ -298,21 +386,33 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     }
     let mut train = None;
     if let Some(spec) = &a.finetune {
-        let (Some(tx), Some(ty)) = (&a.train, &a.train_labels) else { bail!("--finetune needs --train and --train-labels") };
+        let (Some(tx), Some(ty)) = (&a.train, &a.train_labels) else {
+            bail!("--finetune needs --train and --train-labels")
+        };
         let (flags, steps, batch) = finetune_flags(spec)?;
-        let (xb, x) = f32_samples(&npy::read(Path::new(value_of(tx)?))?, a.train_count, per, "--train")?;
+        let (xb, x) = f32_samples(
+            &npy::read(Path::new(value_of(tx)?))?,
+            a.train_count,
+            per,
+            "--train",
+        )?;
         let y = byte_labels(ty, x.shape[0])?;
-        let (entries, values) = finetune::build_entries(&model, &a.trainable, &a.lora_targets, seed_of(&flags))?;
+        let (entries, values) =
+            finetune::build_entries(&model, &a.trainable, &a.lora_targets, seed_of(&flags))?;
         let host = HostAdapter::new(&model, entries, values);
         let eta = host.to_bytes(&model)?;
         budget.data += (xb.len() + y.len() + eta.len()) as u64;
-        budget.trainer = (host.values.len() * 4 + host.work.len() * 4 + eta.len().div_ceil(64) * 64) as u64;
+        budget.trainer =
+            (host.values.len() * 4 + host.work.len() * 4 + eta.len().div_ceil(64) * 64) as u64;
         env.push(("EDGETUNE_TRAIN_DATA", put("train_x.bin", &xb)?));
         env.push(("EDGETUNE_TRAIN_LABELS", put("train_y.bin", &y)?));
         env.push(("EDGETUNE_ADAPTER", put("initial.eta", &eta)?));
         env.push(("EDGETUNE_ADAPTER_VALUES", host.values.len().to_string()));
         env.push(("EDGETUNE_ADAPTER_WORKSPACE", host.work.len().to_string()));
-        let fw_spec: Vec<String> = flags.chunks(2).map(|kv| format!("{}={}", kv[0].trim_start_matches('-'), kv[1])).collect();
+        let fw_spec: Vec<String> = flags
+            .chunks(2)
+            .map(|kv| format!("{}={}", kv[0].trim_start_matches('-'), kv[1]))
+            .collect();
         env.push(("EDGETUNE_FINETUNE", fw_spec.join(",")));
         train = Some((x, y, flags, steps, batch));
     }
@@ -332,21 +432,34 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         budget.trainer
     );
 
-    let boards_dir = a.boards_dir.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards"));
+    let boards_dir = a
+        .boards_dir
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards"));
     let script = boards_dir.join("run-qemu.sh");
     if !script.is_file() {
-        bail!("{}: not found; pass --boards-dir (the boards/ folder of an edgetune checkout)", script.display());
+        bail!(
+            "{}: not found; pass --boards-dir (the boards/ folder of an edgetune checkout)",
+            script.display()
+        );
     }
     let mut cmd = Command::new("bash");
     let firmware_board = board.name.trim_start_matches("qemu-");
-    cmd.arg(&script).arg("--board").arg(firmware_board).arg("--timeout").arg(a.timeout.to_string());
+    cmd.arg(&script)
+        .arg("--board")
+        .arg(firmware_board)
+        .arg("--timeout")
+        .arg(a.timeout.to_string());
     if a.build_only || !board.emulated {
         cmd.arg("--no-run");
     }
     for (k, v) in &env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("running {}", script.display()))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", script.display()))?;
     let mut printed = Printed::default();
     let (mut static_ram, mut image_flash) = (None, None);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
@@ -354,7 +467,12 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         if !line.starts_with("adapter-hex: ") {
             println!("{line}");
         }
-        let number_after = |key: &str| line.split(key).nth(1).and_then(|r| r.split(' ').next()).and_then(|r| r.parse::<u64>().ok());
+        let number_after = |key: &str| {
+            line.split(key)
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|r| r.parse::<u64>().ok())
+        };
         if line.starts_with("run-qemu: flash ") {
             image_flash = number_after("run-qemu: flash ");
             static_ram = number_after("static RAM ");
@@ -366,10 +484,16 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         bail!("{} failed ({status})", script.display());
     }
     if let Some(r) = static_ram.filter(|&r| r > ram) {
-        bail!("the built image's static RAM is {r} B, over the {ram} B budget by {} B", r - ram);
+        bail!(
+            "the built image's static RAM is {r} B, over the {ram} B budget by {} B",
+            r - ram
+        );
     }
     if let Some(f) = image_flash.filter(|&f| f > flash) {
-        bail!("the built image takes {f} B of flash, over the {flash} B budget by {} B", f - flash);
+        bail!(
+            "the built image takes {f} B of flash, over the {flash} B budget by {} B",
+            f - flash
+        );
     }
     if !board.emulated {
         println!("flash: built for {}; flash it with `probe-rs run --chip STM32F407VGTx <the ELF above>`, its log is on USART2 (PA2, 115200 8N1)", board.name);
@@ -380,13 +504,27 @@ pub fn run(a: &FlashArgs) -> Result<()> {
     }
 
     if let Some((x, y)) = &test {
-        let on_board = printed.inference_hits.ok_or_else(|| anyhow!("the firmware printed no inference accuracy"))?;
+        let on_board = printed
+            .inference_hits
+            .ok_or_else(|| anyhow!("the firmware printed no inference accuracy"))?;
         let mut ours = Ours::load(&a.model)?;
         let labels: Vec<i64> = y.iter().map(|&l| l as i64).collect();
-        let acc = eval::evaluate(&mut ours, None, std::slice::from_ref(x), Some(&labels), None)?.accuracy.unwrap_or(0.0);
+        let acc = eval::evaluate(
+            &mut ours,
+            None,
+            std::slice::from_ref(x),
+            Some(&labels),
+            None,
+        )?
+        .accuracy
+        .unwrap_or(0.0);
         let on_host = (acc * y.len() as f64).round() as usize;
         if on_host != on_board {
-            bail!("the board got {on_board}/{} right, the host runtime {on_host}/{}", y.len(), y.len());
+            bail!(
+                "the board got {on_board}/{} right, the host runtime {on_host}/{}",
+                y.len(),
+                y.len()
+            );
         }
         println!("flash: host runtime on the same {} samples: {on_host}/{} correct, identical to the board", y.len(), y.len());
     }
@@ -394,7 +532,16 @@ pub fn run(a: &FlashArgs) -> Result<()> {
         if printed.adapter.is_empty() {
             bail!("the firmware printed no adapter");
         }
-        let host_eta = host_reference_run(&a.model, &model, &x, &y, &flags, &a.trainable, &a.lora_targets, &work)?;
+        let host_eta = host_reference_run(
+            &a.model,
+            &model,
+            &x,
+            &y,
+            &flags,
+            &a.trainable,
+            &a.lora_targets,
+            &work,
+        )?;
         if let Some(out) = &a.adapter_out {
             finetune::write_durably(out, &printed.adapter)?;
         }
@@ -411,26 +558,65 @@ pub fn run(a: &FlashArgs) -> Result<()> {
 }
 
 fn seed_of(flags: &[String]) -> u64 {
-    flags.chunks(2).find(|kv| kv[0] == "--seed").and_then(|kv| kv[1].parse().ok()).unwrap_or(0)
+    flags
+        .chunks(2)
+        .find(|kv| kv[0] == "--seed")
+        .and_then(|kv| kv[1].parse().ok())
+        .unwrap_or(0)
 }
 
 /// `edgetune finetune` on the host with the scalar reference kernels, on the embedded subset.
 #[allow(clippy::too_many_arguments)]
-fn host_reference_run(path: &Path, model: &Model<'_>, x: &Array, y: &[u8], flags: &[String], trainable: &str, lora_targets: &str, work: &Path) -> Result<Vec<u8>> {
+fn host_reference_run(
+    path: &Path,
+    model: &Model<'_>,
+    x: &Array,
+    y: &[u8],
+    flags: &[String],
+    trainable: &str,
+    lora_targets: &str,
+    work: &Path,
+) -> Result<Vec<u8>> {
     // Parsed as `edgetune finetune` would parse them, so the host run gets exactly its defaults;
     // the data are the embedded subset in memory, so the file arguments are never read.
     let out = work.join("host.eta");
     let mut argv: Vec<String> = ["edgetune", "finetune"].map(String::from).to_vec();
     argv.push(path.display().to_string());
-    argv.extend(["--train".into(), "x=in-memory".into(), "--labels".into(), "in-memory".into(), "--reference-kernels".into(), "--quiet".into()]);
-    argv.extend(["--trainable".into(), trainable.into(), "--lora-targets".into(), lora_targets.into(), "-o".into(), out.display().to_string()]);
+    argv.extend([
+        "--train".into(),
+        "x=in-memory".into(),
+        "--labels".into(),
+        "in-memory".into(),
+        "--reference-kernels".into(),
+        "--quiet".into(),
+    ]);
+    argv.extend([
+        "--trainable".into(),
+        trainable.into(),
+        "--lora-targets".into(),
+        lora_targets.into(),
+        "-o".into(),
+        out.display().to_string(),
+    ]);
     argv.extend(flags.iter().cloned());
     let cli = Cli::try_parse_from(argv)?;
-    let super::Command::Finetune(fa) = cli.command else { bail!("internal: not a finetune command") };
-    let (entries, values) = finetune::build_entries(model, &fa.trainable, &fa.lora_targets, fa.seed)?;
+    let super::Command::Finetune(fa) = cli.command else {
+        bail!("internal: not a finetune command")
+    };
+    let (entries, values) =
+        finetune::build_entries(model, &fa.trainable, &fa.lora_targets, fa.seed)?;
     let mut host = HostAdapter::new(model, entries, values);
     let cfg = finetune::zo_config(&fa);
     let labels: Vec<i64> = y.iter().map(|&l| l as i64).collect();
-    finetune::train_zo(model, &mut host, &cfg, &fa, std::slice::from_ref(x), Some(&labels), None, None)?;
+    finetune::train_zo(
+        model,
+        &mut host,
+        &cfg,
+        &fa,
+        std::slice::from_ref(x),
+        Some(&labels),
+        None,
+        None,
+    )?;
     host.to_bytes(model)
 }

@@ -27,7 +27,15 @@ pub struct Calibration {
 pub const MAX_ROWS: u64 = 16_384;
 
 /// Unrolls one image `[C, H, W]` into `(ci, ky, kx)` patch rows, as the runtime's im2col does.
-pub fn patches(c: &Conv, x: &[f32], cin: usize, h: usize, w: usize, ho: usize, wo: usize) -> Vec<f32> {
+pub fn patches(
+    c: &Conv,
+    x: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+) -> Vec<f32> {
     let (kh, kw) = (c.kernel[0] as usize, c.kernel[1] as usize);
     let k = cin * kh * kw;
     let mut out = vec![0.0; ho * wo * k];
@@ -59,20 +67,29 @@ pub fn patches(c: &Conv, x: &[f32], cin: usize, h: usize, w: usize, ho: usize, w
 /// attention and pooling); in short sentences padded to a long sequence they are most rows, and
 /// statistics that count them fit the weights to activations that do not matter.
 fn token_mask(ours: &Ours) -> Option<usize> {
-    ours.inputs().iter().position(|i| i.name == "attention_mask" && i.shape.len() == 2)
+    ours.inputs()
+        .iter()
+        .position(|i| i.name == "attention_mask" && i.shape.len() == 2)
 }
 
 /// Runs `g` (uncompressed) on `data` (leading axis = samples) and gathers statistics for the
 /// layers `super::layers` finds; `gram(name, k)` says which layers also keep `XᵀX`. With an
 /// `attention_mask` input, rows of padding tokens are left out.
-pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) -> Result<Calibration> {
+pub fn calibrate(
+    g: &Graph,
+    data: &[Array],
+    gram: impl Fn(&str, usize) -> bool,
+) -> Result<Calibration> {
     let (bytes, _) = pack(g)?;
     let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..]))?;
     let mask_input = token_mask(&ours);
     let layers = super::layers(g);
     let mut stats: HashMap<usize, (String, ActStats)> = HashMap::new();
     for l in layers.iter().filter(|l| !l.embedding) {
-        stats.insert(l.node, (l.name.clone(), ActStats::new(l.k, gram(&l.name, l.k))?));
+        stats.insert(
+            l.node,
+            (l.name.clone(), ActStats::new(l.k, gram(&l.name, l.k))?),
+        );
     }
     let (bs, n) = batches(&ours.inputs(), data)?;
     let per_batch = ours.inputs()[0].shape[0];
@@ -81,15 +98,20 @@ pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) 
         let real = per_batch.min(n - seen);
         seen += real;
         // Per token of the batch: does it count?
-        let keep: Option<Vec<bool>> = mask_input.map(|m| b[m].to_i64().iter().map(|&v| v != 0).collect());
+        let keep: Option<Vec<bool>> =
+            mask_input.map(|m| b[m].to_i64().iter().map(|&v| v != 0).collect());
         ours.run_observed(b, |i, session| {
-            let Some((_, st)) = stats.get_mut(&(i as usize)) else { return };
+            let Some((_, st)) = stats.get_mut(&(i as usize)) else {
+                return;
+            };
             if st.count() >= MAX_ROWS {
                 return;
             }
             let op = session.model().op(i);
             let xid = op.input(0);
-            let Some(x) = session.tensor_f32(xid) else { return };
+            let Some(x) = session.tensor_f32(xid) else {
+                return;
+            };
             let xs = session.model().tensor(xid).meta.shape;
             let k = st.k();
             let rows: Vec<f32> = match op.op {
@@ -99,12 +121,20 @@ pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) 
                     let (ho, wo) = (ys.dim(2), ys.dim(3));
                     // Only the real (unpadded) images of the batch.
                     let per = cin * h * w;
-                    (0..real.min(xs.dim(0))).flat_map(|img| patches(&c, &x[img * per..(img + 1) * per], cin, h, w, ho, wo)).collect()
+                    (0..real.min(xs.dim(0)))
+                        .flat_map(|img| {
+                            patches(&c, &x[img * per..(img + 1) * per], cin, h, w, ho, wo)
+                        })
+                        .collect()
                 }
                 _ => {
                     let rows = x.len() / k;
                     let rows_per_image = rows / xs.dim(0).max(1);
-                    let take = if xs.rank() >= 2 && xs.dim(0) == per_batch { real * rows_per_image } else { rows };
+                    let take = if xs.rank() >= 2 && xs.dim(0) == per_batch {
+                        real * rows_per_image
+                    } else {
+                        rows
+                    };
                     match &keep {
                         // One row per token (however the batch is flattened): real tokens only,
                         // of the real samples only.
@@ -124,5 +154,8 @@ pub fn calibrate(g: &Graph, data: &[Array], gram: impl Fn(&str, usize) -> bool) 
             let _ = st.update(&rows, k);
         })?;
     }
-    Ok(Calibration { stats: stats.into_values().collect(), samples: seen })
+    Ok(Calibration {
+        stats: stats.into_values().collect(),
+        samples: seen,
+    })
 }

@@ -74,7 +74,10 @@ pub fn layers(g: &Graph) -> Vec<Layer> {
             let embedding = matches!(n.op, Op::Gather { .. });
             let w = n.inputs[if embedding { 0 } else { 1 }];
             let t = &g.tensors[w];
-            (t.value.as_ref().and_then(|v| v.as_f32()).is_some() && t.shape.len() == 2 && t.encoded.is_none()).then(|| Layer {
+            (t.value.as_ref().and_then(|v| v.as_f32()).is_some()
+                && t.shape.len() == 2
+                && t.encoded.is_none())
+            .then(|| Layer {
                 node: i,
                 name: n.name.clone(),
                 weight: w,
@@ -88,12 +91,22 @@ pub fn layers(g: &Graph) -> Vec<Layer> {
 
 /// The method each layer gets, with the reason when it differs from its rule. Errors when a
 /// rule matches no layer (a typo would otherwise silently compress nothing).
-pub fn assign(layers: &[Layer], g: &Graph, recipe: &Recipe) -> Result<Vec<(Method, bool, Option<String>)>> {
+pub fn assign(
+    layers: &[Layer],
+    g: &Graph,
+    recipe: &Recipe,
+) -> Result<Vec<(Method, bool, Option<String>)>> {
     for r in &recipe.rules {
-        let hit = layers.iter().any(|l| recipe::glob(&r.pattern, &l.name) || recipe::glob(&r.pattern, &g.tensors[l.weight].name));
+        let hit = layers.iter().any(|l| {
+            recipe::glob(&r.pattern, &l.name) || recipe::glob(&r.pattern, &g.tensors[l.weight].name)
+        });
         if !hit {
             let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
-            bail!("rule {:?} matches no layer; layers are: {}", r.pattern, names.join(", "));
+            bail!(
+                "rule {:?} matches no layer; layers are: {}",
+                r.pattern,
+                names.join(", ")
+            );
         }
     }
     let last = layers.len().saturating_sub(1);
@@ -101,12 +114,25 @@ pub fn assign(layers: &[Layer], g: &Graph, recipe: &Recipe) -> Result<Vec<(Metho
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            let rule = recipe.rules.iter().find(|r| recipe::glob(&r.pattern, &l.name) || recipe::glob(&r.pattern, &g.tensors[l.weight].name));
-            let (m, gptq) = rule.map(|r| (r.method.clone(), r.gptq)).unwrap_or((Method::F32, false));
+            let rule = recipe.rules.iter().find(|r| {
+                recipe::glob(&r.pattern, &l.name)
+                    || recipe::glob(&r.pattern, &g.tensors[l.weight].name)
+            });
+            let (m, gptq) = rule
+                .map(|r| (r.method.clone(), r.gptq))
+                .unwrap_or((Method::F32, false));
             let end = (i == 0 || i == last) && layers.len() > 1;
             match recipe.keep_ends {
-                KeepEnds::Int8 if end && m.is_aggressive() => (Method::Int8, false, Some("first/last layer kept at int8".into())),
-                KeepEnds::F32 if end && m != Method::F32 => (Method::F32, false, Some("first/last layer kept at f32".into())),
+                KeepEnds::Int8 if end && m.is_aggressive() => (
+                    Method::Int8,
+                    false,
+                    Some("first/last layer kept at int8".into()),
+                ),
+                KeepEnds::F32 if end && m != Method::F32 => (
+                    Method::F32,
+                    false,
+                    Some("first/last layer kept at f32".into()),
+                ),
                 _ => (m, gptq, None),
             }
         })
@@ -114,7 +140,12 @@ pub fn assign(layers: &[Layer], g: &Graph, recipe: &Recipe) -> Result<Vec<(Metho
 }
 
 /// Compresses the graph's weights in place and reports per layer.
-pub fn compress(g: &mut Graph, recipe: &Recipe, calib: Option<&Calibration>, progress: bool) -> Result<Vec<LayerReport>> {
+pub fn compress(
+    g: &mut Graph,
+    recipe: &Recipe,
+    calib: Option<&Calibration>,
+    progress: bool,
+) -> Result<Vec<LayerReport>> {
     let all = layers(g);
     let plan = assign(&all, g, recipe)?;
     let bar = progress.then(|| {
@@ -149,14 +180,29 @@ pub fn compress(g: &mut Graph, recipe: &Recipe, calib: Option<&Calibration>, pro
             continue;
         }
         // Surgery (channels, low rank) changes shapes and node positions: look the layer up again.
-        let Some(mut l) = current.iter().find(|c| c.name == l.name).cloned() else { continue };
-        let Some(node) = g.nodes.iter().position(|n| n.name == l.name && n.inputs.contains(&l.weight)) else { continue };
+        let Some(mut l) = current.iter().find(|c| c.name == l.name).cloned() else {
+            continue;
+        };
+        let Some(node) = g
+            .nodes
+            .iter()
+            .position(|n| n.name == l.name && n.inputs.contains(&l.weight))
+        else {
+            continue;
+        };
         l.node = node;
         let l = &l;
         let stats = calib.and_then(|c| c.stats.get(&l.name));
-        let ctx = Ctx { recipe, stats, gptq: use_gptq };
+        let ctx = Ctx {
+            recipe,
+            stats,
+            gptq: use_gptq,
+        };
         let r = apply(g, l, &m, &ctx).with_context(|| format!("layer {}", l.name))?;
-        reports.push(LayerReport { note: r.note.or(note), ..r });
+        reports.push(LayerReport {
+            note: r.note.or(note),
+            ..r
+        });
     }
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -185,10 +231,17 @@ impl Ctx<'_> {
         if !self.gptq {
             return Ok(None);
         }
-        let s = self.stats.ok_or_else(|| anyhow!("GPTQ needs calibration data (--calib)"))?;
-        let h = s.hessian().ok_or_else(|| anyhow!("GPTQ needs Gram statistics"))?;
+        let s = self
+            .stats
+            .ok_or_else(|| anyhow!("GPTQ needs calibration data (--calib)"))?;
+        let h = s
+            .hessian()
+            .ok_or_else(|| anyhow!("GPTQ needs Gram statistics"))?;
         if s.k() != k {
-            bail!("calibration statistics have {} inputs, the weight {k}", s.k());
+            bail!(
+                "calibration statistics have {} inputs, the weight {k}",
+                s.k()
+            );
         }
         let mut out = vec![0.0; kp * kp];
         for r in 0..k {
@@ -199,16 +252,28 @@ impl Ctx<'_> {
 }
 
 fn weight(g: &Graph, t: TensorId) -> Vec<f32> {
-    g.tensors[t].value.as_ref().and_then(|v| v.as_f32()).expect("f32 weight").to_vec()
+    g.tensors[t]
+        .value
+        .as_ref()
+        .and_then(|v| v.as_f32())
+        .expect("f32 weight")
+        .to_vec()
 }
 
 /// The largest of 128, 64, 32 that divides `kp`, at most `want`.
 fn fit_group(want: usize, kp: usize) -> usize {
-    [want, 128, 64, 32].into_iter().find(|&g| g <= want && g % 32 == 0 && kp % g == 0).unwrap_or(32)
+    [want, 128, 64, 32]
+        .into_iter()
+        .find(|&g| g <= want && g % 32 == 0 && kp % g == 0)
+        .unwrap_or(32)
 }
 
 fn store(g: &mut Graph, t: TensorId, e: Encoded) {
-    g.tensors[t].encoded = Some(crate::ir::Encoded { encoding: e.encoding, bytes: e.bytes, params: e.params });
+    g.tensors[t].encoded = Some(crate::ir::Encoded {
+        encoding: e.encoding,
+        bytes: e.bytes,
+        params: e.params,
+    });
 }
 
 fn rel_error(w: &[f32], e: &Encoded, n: usize, k: usize) -> f64 {
@@ -220,18 +285,30 @@ fn rel_error(w: &[f32], e: &Encoded, n: usize, k: usize) -> f64 {
 }
 
 /// Encodes an `n × k` matrix with a (non-structural) method.
-fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Result<(Encoded, Option<String>)> {
+fn encode_matrix(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    m: &Method,
+    ctx: &Ctx<'_>,
+) -> Result<(Encoded, Option<String>)> {
     let kp = padded_k(k);
     let int8 = ctx.recipe.int8_activations;
     let mut note = None;
     let e = match m {
-        Method::F32 => Encoded { encoding: Encoding::PanelF32, bytes: crate::pack::pack_panels(w, n, k), params: [0; 4] },
+        Method::F32 => Encoded {
+            encoding: Encoding::PanelF32,
+            bytes: crate::pack::pack_panels(w, n, k),
+            params: [0; 4],
+        },
         Method::F16 => encode::encode_panel_f16(w, n, k),
         Method::Int8 => encode::encode_int8_rows(&quantize_int8_rows(w, n, k)?, int8)?,
         Method::Int4 { group } | Method::Ternary { group } | Method::Binary { group } => {
             let grp = fit_group(*group, kp);
             if grp != *group {
-                note = Some(format!("group {group} does not divide the padded row of {kp}: used {grp}"));
+                note = Some(format!(
+                    "group {group} does not divide the padded row of {kp}: used {grp}"
+                ));
             }
             let wp = encode::pad_columns(w, n, k);
             let imp = ctx.importance(k, kp);
@@ -241,18 +318,33 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 Method::Int4 { .. } => {
                     let q = match &h {
                         Some(h) => {
-                            let mut qz = GroupQuantizer::new(n, kp, 4, grp, imp.as_deref(), ScaleSearch::Grid)?;
+                            let mut qz = GroupQuantizer::new(
+                                n,
+                                kp,
+                                4,
+                                grp,
+                                imp.as_deref(),
+                                ScaleSearch::Grid,
+                            )?;
                             gptq(&wp, n, kp, h, &cfg, &mut qz)?;
                             qz.into_group_quant()
                         }
-                        None => quantize_groups(&wp, n, kp, 4, grp, imp.as_deref(), ScaleSearch::Grid)?,
+                        None => {
+                            quantize_groups(&wp, n, kp, 4, grp, imp.as_deref(), ScaleSearch::Grid)?
+                        }
                     };
                     encode::encode_groups(&q, int8)?
                 }
                 Method::Ternary { .. } => {
                     let t = match &h {
                         Some(h) => {
-                            let mut qz = TernaryQuantizer::new(n, kp, grp, imp.as_deref(), TernaryChoice::Best)?;
+                            let mut qz = TernaryQuantizer::new(
+                                n,
+                                kp,
+                                grp,
+                                imp.as_deref(),
+                                TernaryChoice::Best,
+                            )?;
                             gptq(&wp, n, kp, h, &cfg, &mut qz)?;
                             qz.into_ternary()
                         }
@@ -268,7 +360,11 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 }
             }
         }
-        Method::Codebook { bits, rows_per_table, scale_group } => {
+        Method::Codebook {
+            bits,
+            rows_per_table,
+            scale_group,
+        } => {
             let imp = ctx.importance(k, k);
             let gran = match rows_per_table {
                 0 => Granularity::PerTensor,
@@ -286,7 +382,10 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 // Tables shared by several rows fit each row's range better with a row scale.
                 opts.row_scaling = edgetune_quant::kmeans::RowScaling::Auto;
             }
-            opts.kmeans = KMeansConfig { seed: ctx.recipe.seed, ..KMeansConfig::default() };
+            opts.kmeans = KMeansConfig {
+                seed: ctx.recipe.seed,
+                ..KMeansConfig::default()
+            };
             let mut cb = codebook_quantize_with(w, n, k, &opts)?;
             if let Some(h) = ctx.hessian(k, k)? {
                 // GPTQ re-assigns indices against the fixed tables and scales, pushing errors
@@ -295,7 +394,9 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
                 let mut order: Vec<usize> = (0..k).collect();
                 order.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
                 let wp: Vec<f32> = (0..n * k).map(|i| w[i / k * k + order[i % k]]).collect();
-                let hp: Vec<f64> = (0..k * k).map(|i| h[order[i / k] * k + order[i % k]]).collect();
+                let hp: Vec<f64> = (0..k * k)
+                    .map(|i| h[order[i / k] * k + order[i % k]])
+                    .collect();
                 let mut qz = CodebookQuantizer::new(cb)?.with_column_order(order)?;
                 gptq(&wp, n, k, &hp, &GptqConfig::default(), &mut qz)?;
                 cb = qz.into_codebook();
@@ -304,7 +405,9 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
         }
         Method::Sparse { keep, m } => {
             if k % m != 0 {
-                note = Some(format!("{keep}:{m} needs inputs in multiples of {m}, this layer has {k}: kept int8"));
+                note = Some(format!(
+                    "{keep}:{m} needs inputs in multiples of {m}, this layer has {k}: kept int8"
+                ));
                 encode::encode_int8_rows(&quantize_int8_rows(w, n, k)?, int8)?
             } else {
                 let scores = match ctx.stats.filter(|s| s.k() == k) {
@@ -324,10 +427,16 @@ fn encode_matrix(w: &[f32], n: usize, k: usize, m: &Method, ctx: &Ctx<'_>) -> Re
             let mut wm = w.to_vec();
             prune::apply_mask(&mut wm, &mask)?;
             let (e, n2) = encode_matrix(&wm, n, k, then, ctx)?;
-            note = n2.or(Some(format!("{:.0}% of weights zeroed, stored as {}", fraction * 100.0, then.label())));
+            note = n2.or(Some(format!(
+                "{:.0}% of weights zeroed, stored as {}",
+                fraction * 100.0,
+                then.label()
+            )));
             e
         }
-        Method::LowRank { .. } | Method::Channels { .. } => bail!("{} is a graph rewrite, not an encoding", m.label()),
+        Method::LowRank { .. } | Method::Channels { .. } => {
+            bail!("{} is a graph rewrite, not an encoding", m.label())
+        }
     };
     Ok((e, note))
 }
@@ -338,7 +447,12 @@ fn apply(g: &mut Graph, l: &Layer, m: &Method, ctx: &Ctx<'_>) -> Result<LayerRep
     if l.embedding {
         return embedding(g, l, &w, m, ctx);
     }
-    if let Method::LowRank { rank, aware, factors } = m {
+    if let Method::LowRank {
+        rank,
+        aware,
+        factors,
+    } = m
+    {
         return low_rank(g, l, &w, *rank, *aware, factors, ctx);
     }
     let (e, note) = encode_matrix(&w, n, k, m, ctx)?;
@@ -350,12 +464,26 @@ fn apply(g: &mut Graph, l: &Layer, m: &Method, ctx: &Ctx<'_>) -> Result<LayerRep
         store(g, l.weight, e);
     }
     fix_conv_tile(g, l.node)?;
-    Ok(LayerReport { name: l.name.clone(), shape: (n, k), method: m.label(), f32_bytes: n * k * 4, bytes, rel_error: rel, note })
+    Ok(LayerReport {
+        name: l.name.clone(),
+        shape: (n, k),
+        method: m.label(),
+        f32_bytes: n * k * 4,
+        bytes,
+        rel_error: rel,
+        note,
+    })
 }
 
 /// Embedding tables take the block-quantized encodings (rows decoded when gathered); other
 /// methods fall back to int8.
-fn embedding(g: &mut Graph, l: &Layer, w: &[f32], m: &Method, ctx: &Ctx<'_>) -> Result<LayerReport> {
+fn embedding(
+    g: &mut Graph,
+    l: &Layer,
+    w: &[f32],
+    m: &Method,
+    ctx: &Ctx<'_>,
+) -> Result<LayerReport> {
     let (n, k) = (l.n, l.k);
     let report = |method: &Method, bytes, rel, note| LayerReport {
         name: l.name.clone(),
@@ -370,12 +498,29 @@ fn embedding(g: &mut Graph, l: &Layer, w: &[f32], m: &Method, ctx: &Ctx<'_>) -> 
         return Ok(report(m, n * k * 4, 0.0, None));
     }
     let (method, note) = match m {
-        Method::Int8 | Method::Int4 { .. } | Method::Codebook { .. } | Method::Ternary { .. } | Method::Binary { .. } => (m.clone(), None),
-        other => (Method::Int8, Some(format!("{} does not apply to an embedding table: int8", other.label()))),
+        Method::Int8
+        | Method::Int4 { .. }
+        | Method::Codebook { .. }
+        | Method::Ternary { .. }
+        | Method::Binary { .. } => (m.clone(), None),
+        other => (
+            Method::Int8,
+            Some(format!(
+                "{} does not apply to an embedding table: int8",
+                other.label()
+            )),
+        ),
     };
     // Gathered rows are decoded in f32: the int8-activation flag does not apply.
-    let recipe = Recipe { int8_activations: false, ..ctx.recipe.clone() };
-    let inner = Ctx { recipe: &recipe, stats: None, gptq: false };
+    let recipe = Recipe {
+        int8_activations: false,
+        ..ctx.recipe.clone()
+    };
+    let inner = Ctx {
+        recipe: &recipe,
+        stats: None,
+        gptq: false,
+    };
     let (e, n2) = encode_matrix(w, n, k, &method, &inner)?;
     let rel = rel_error(w, &e, n, k);
     let bytes = e.bytes.len();
@@ -390,7 +535,10 @@ fn fix_conv_tile(g: &mut Graph, node: usize) -> Result<()> {
         return Ok(());
     }
     let w = g.nodes[node].inputs[1];
-    let needs_rows = matches!(g.tensors[w].encoded.as_ref().map(|e| e.encoding), Some(Encoding::QBlock | Encoding::SparseNM));
+    let needs_rows = matches!(
+        g.tensors[w].encoded.as_ref().map(|e| e.encoding),
+        Some(Encoding::QBlock | Encoding::SparseNM)
+    );
     let out = &g.tensors[g.nodes[node].output];
     let pixels = out.shape[2] * out.shape[3];
     let k = g.tensors[w].shape[1];
@@ -402,7 +550,15 @@ fn fix_conv_tile(g: &mut Graph, node: usize) -> Result<()> {
     Ok(())
 }
 
-fn low_rank(g: &mut Graph, l: &Layer, w: &[f32], rank: RankChoice, aware: LowRankKind, factors: &Method, ctx: &Ctx<'_>) -> Result<LayerReport> {
+fn low_rank(
+    g: &mut Graph,
+    l: &Layer,
+    w: &[f32],
+    rank: RankChoice,
+    aware: LowRankKind,
+    factors: &Method,
+    ctx: &Ctx<'_>,
+) -> Result<LayerReport> {
     let (n, k) = (l.n, l.k);
     let sel = match rank {
         RankChoice::Energy(e) => RankSelection::Energy(e),
@@ -413,18 +569,25 @@ fn low_rank(g: &mut Graph, l: &Layer, w: &[f32], rank: RankChoice, aware: LowRan
     let lr = match aware {
         LowRankKind::Svd => lowrank_svd(w, n, k, sel, stats.and_then(|s| s.gram()))?,
         LowRankKind::Asvd => {
-            let s = stats.ok_or_else(|| anyhow!("activation-aware SVD needs calibration data (--calib)"))?;
+            let s = stats
+                .ok_or_else(|| anyhow!("activation-aware SVD needs calibration data (--calib)"))?;
             lowrank_asvd(w, n, k, sel, &s.mean_abs(), 0.5, s.gram())?
         }
         LowRankKind::SvdLlm => {
             let s = stats.ok_or_else(|| anyhow!("SVD-LLM needs calibration data (--calib)"))?;
-            let gram = s.gram().ok_or_else(|| anyhow!("SVD-LLM needs Gram statistics"))?;
+            let gram = s
+                .gram()
+                .ok_or_else(|| anyhow!("SVD-LLM needs Gram statistics"))?;
             lowrank_svdllm(w, n, k, sel, gram, 0.01)?
         }
     };
     let r = lr.singular_values.len().min(lr.v.len() / k);
     // W ≈ U·V: y = U (V x). V is [r, K] (same geometry as W), U is [N, r] (pointwise).
-    let inner = Ctx { recipe: ctx.recipe, stats: None, gptq: false };
+    let inner = Ctx {
+        recipe: ctx.recipe,
+        stats: None,
+        gptq: false,
+    };
     let (ev, _) = encode_matrix(&lr.v, r, k, factors, &inner)?;
     let (eu, _) = encode_matrix(&lr.u, n, r, factors, &inner)?;
     let bytes = ev.bytes.len() + eu.bytes.len();

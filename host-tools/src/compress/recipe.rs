@@ -117,7 +117,11 @@ impl Method {
             Method::F16 => "f16".into(),
             Method::Int8 => "int8".into(),
             Method::Int4 { group } => format!("int4 g{group}"),
-            Method::Codebook { bits, rows_per_table, scale_group } => {
+            Method::Codebook {
+                bits,
+                rows_per_table,
+                scale_group,
+            } => {
                 let tables = match rows_per_table {
                     0 => format!("codebook {bits}-bit/tensor"),
                     1 => format!("codebook {bits}-bit/row"),
@@ -130,9 +134,15 @@ impl Method {
             }
             Method::Ternary { group } => format!("ternary g{group}"),
             Method::Binary { group } => format!("binary g{group}"),
-            Method::LowRank { rank, aware, factors } => format!("lowrank {rank:?} {aware:?} ({})", factors.label()),
+            Method::LowRank {
+                rank,
+                aware,
+                factors,
+            } => format!("lowrank {rank:?} {aware:?} ({})", factors.label()),
             Method::Sparse { keep, m } => format!("sparse {keep}:{m}"),
-            Method::Unstructured { fraction, then } => format!("pruned {:.0}% ({})", fraction * 100.0, then.label()),
+            Method::Unstructured { fraction, then } => {
+                format!("pruned {:.0}% ({})", fraction * 100.0, then.label())
+            }
             Method::Channels { fraction } => format!("channels -{:.0}%", fraction * 100.0),
         }
     }
@@ -180,7 +190,12 @@ pub struct Recipe {
 
 impl Default for Recipe {
     fn default() -> Recipe {
-        Recipe { rules: Vec::new(), keep_ends: KeepEnds::Int8, int8_activations: false, seed: 0 }
+        Recipe {
+            rules: Vec::new(),
+            keep_ends: KeepEnds::Int8,
+            int8_activations: false,
+            seed: 0,
+        }
     }
 }
 
@@ -258,7 +273,9 @@ pub fn parse_granularity(s: &str) -> Result<usize> {
 
 /// Parses `energy=0.95`, `params=0.5` or `rank=32`.
 pub fn parse_rank(s: &str) -> Result<RankChoice> {
-    let (k, v) = s.split_once('=').ok_or_else(|| anyhow!("low-rank choice is energy=E, params=F or rank=R, not {s:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("low-rank choice is energy=E, params=F or rank=R, not {s:?}"))?;
     Ok(match k {
         "energy" => RankChoice::Energy(v.parse().with_context(|| format!("energy {v:?}"))?),
         "params" => RankChoice::Params(v.parse().with_context(|| format!("params {v:?}"))?),
@@ -279,7 +296,9 @@ pub fn parse_lowrank_kind(s: &str) -> Result<LowRankKind> {
 
 /// Parses `N:M`.
 pub fn parse_nm(s: &str) -> Result<(usize, usize)> {
-    let (n, m) = s.split_once(':').ok_or_else(|| anyhow!("sparsity pattern is N:M, not {s:?}"))?;
+    let (n, m) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow!("sparsity pattern is N:M, not {s:?}"))?;
     let (n, m): (usize, usize) = (n.parse()?, m.parse()?);
     if n == 0 || n > m || !(2..=16).contains(&m) {
         bail!("sparsity pattern {s}: need 1 <= N <= M <= 16, M >= 2");
@@ -294,9 +313,18 @@ pub fn parse_simple(s: &str) -> Result<Method> {
         "f32" => Method::F32,
         "f16" => Method::F16,
         "int8" => Method::Int8,
-        _ if s.starts_with("int4") => Method::Int4 { group: s.strip_prefix("int4").and_then(|g| g.trim_start_matches([':', 'g']).parse().ok()).unwrap_or(32) },
+        _ if s.starts_with("int4") => Method::Int4 {
+            group: s
+                .strip_prefix("int4")
+                .and_then(|g| g.trim_start_matches([':', 'g']).parse().ok())
+                .unwrap_or(32),
+        },
         _ if s.starts_with("codebook") => Method::Codebook {
-            bits: s.trim_start_matches("codebook").trim_start_matches(':').parse().map_err(|_| anyhow!("codebook bits in {s:?}"))?,
+            bits: s
+                .trim_start_matches("codebook")
+                .trim_start_matches(':')
+                .parse()
+                .map_err(|_| anyhow!("codebook bits in {s:?}"))?,
             rows_per_table: 1,
             scale_group: 0,
         },
@@ -335,8 +363,17 @@ pub fn parse_toml(text: &str) -> Result<Recipe> {
             methods.push(Method::Int4 { group: g });
         }
         if let Some(b) = rf.codebook {
-            let rows = rf.granularity.as_deref().map(parse_granularity).transpose()?.unwrap_or(1);
-            methods.push(Method::Codebook { bits: b, rows_per_table: rows, scale_group: rf.scale_group.unwrap_or(0) });
+            let rows = rf
+                .granularity
+                .as_deref()
+                .map(parse_granularity)
+                .transpose()?
+                .unwrap_or(1);
+            methods.push(Method::Codebook {
+                bits: b,
+                rows_per_table: rows,
+                scale_group: rf.scale_group.unwrap_or(0),
+            });
         }
         if let Some(g) = rf.ternary {
             methods.push(Method::Ternary { group: g });
@@ -354,18 +391,43 @@ pub fn parse_toml(text: &str) -> Result<Recipe> {
         if let Some(s) = &rf.lowrank {
             methods.push(Method::LowRank {
                 rank: parse_rank(s)?,
-                aware: rf.lowrank_kind.as_deref().map(parse_lowrank_kind).transpose()?.unwrap_or(LowRankKind::Svd),
-                factors: Box::new(rf.lowrank_factors.as_deref().map(parse_simple).transpose()?.unwrap_or(Method::F32)),
+                aware: rf
+                    .lowrank_kind
+                    .as_deref()
+                    .map(parse_lowrank_kind)
+                    .transpose()?
+                    .unwrap_or(LowRankKind::Svd),
+                factors: Box::new(
+                    rf.lowrank_factors
+                        .as_deref()
+                        .map(parse_simple)
+                        .transpose()?
+                        .unwrap_or(Method::F32),
+                ),
             });
         }
         let method = match (methods.len(), rf.prune) {
-            (0, Some(p)) => Method::Unstructured { fraction: p, then: Box::new(Method::F32) },
-            (1, Some(p)) => Method::Unstructured { fraction: p, then: Box::new(methods.remove(0)) },
+            (0, Some(p)) => Method::Unstructured {
+                fraction: p,
+                then: Box::new(Method::F32),
+            },
+            (1, Some(p)) => Method::Unstructured {
+                fraction: p,
+                then: Box::new(methods.remove(0)),
+            },
             (1, None) => methods.remove(0),
             (0, None) => bail!("rule {} ({}): no encoding given", i + 1, rf.pattern),
-            _ => bail!("rule {} ({}): give one encoding per rule", i + 1, rf.pattern),
+            _ => bail!(
+                "rule {} ({}): give one encoding per rule",
+                i + 1,
+                rf.pattern
+            ),
         };
-        r.rules.push(Rule { pattern: rf.pattern, method, gptq: rf.gptq.unwrap_or(false) });
+        r.rules.push(Rule {
+            pattern: rf.pattern,
+            method,
+            gptq: rf.gptq.unwrap_or(false),
+        });
     }
     Ok(r)
 }
@@ -377,7 +439,10 @@ mod tests {
     #[test]
     fn globs() {
         assert!(glob("*", "anything"));
-        assert!(glob("*attention*", "/m/encoder/layer.0/attention/self/query/MatMul"));
+        assert!(glob(
+            "*attention*",
+            "/m/encoder/layer.0/attention/self/query/MatMul"
+        ));
         assert!(!glob("*attention", "/m/attention/x"));
         assert!(glob("Conv@?", "Conv@3"));
         assert!(!glob("Conv@?", "Conv@31"));
@@ -405,9 +470,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.keep_ends, KeepEnds::F32);
-        assert_eq!(r.rules[0].method, Method::Codebook { bits: 3, rows_per_table: 8, scale_group: 0 });
+        assert_eq!(
+            r.rules[0].method,
+            Method::Codebook {
+                bits: 3,
+                rows_per_table: 8,
+                scale_group: 0
+            }
+        );
         assert!(r.rules[1].gptq);
-        assert!(matches!(&r.rules[2].method, Method::LowRank { rank: RankChoice::Params(p), aware: LowRankKind::SvdLlm, factors } if *p == 0.5 && **factors == Method::Int8));
+        assert!(
+            matches!(&r.rules[2].method, Method::LowRank { rank: RankChoice::Params(p), aware: LowRankKind::SvdLlm, factors } if *p == 0.5 && **factors == Method::Int8)
+        );
         assert!(parse_toml("[[rule]]\nmatch = \"*\"\n").is_err());
         assert!(parse_toml("[[rule]]\nmatch = \"*\"\nint8 = true\nint4 = 32\n").is_err());
         assert!(parse_toml("bogus = 1").is_err());

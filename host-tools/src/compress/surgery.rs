@@ -10,18 +10,34 @@ use edgetune_quant::stats::ActStats;
 
 use crate::ir::{ConstData, Graph, Node, TensorId};
 
-fn weight_tensor(g: &mut Graph, name: String, n: usize, k: usize, v: Vec<f32>, e: Encoded) -> TensorId {
+fn weight_tensor(
+    g: &mut Graph,
+    name: String,
+    n: usize,
+    k: usize,
+    v: Vec<f32>,
+    e: Encoded,
+) -> TensorId {
     let t = g.constant(name, DType::F32, vec![n, k], ConstData::F32(v));
     if e.encoding == Encoding::PanelF32 {
         g.tensors[t].encoding = Encoding::PanelF32;
     } else {
-        g.tensors[t].encoded = Some(crate::ir::Encoded { encoding: e.encoding, bytes: e.bytes, params: e.params });
+        g.tensors[t].encoded = Some(crate::ir::Encoded {
+            encoding: e.encoding,
+            bytes: e.bytes,
+            params: e.params,
+        });
     }
     t
 }
 
 /// Replaces layer `node` (`y = W x + b`) by `y = U (V x) + b` with `V` `[r, K]` and `U` `[N, r]`.
-pub fn split_low_rank(g: &mut Graph, node: usize, (r, v, ev): (usize, Vec<f32>, Encoded), (u, eu): (Vec<f32>, Encoded)) -> Result<()> {
+pub fn split_low_rank(
+    g: &mut Graph,
+    node: usize,
+    (r, v, ev): (usize, Vec<f32>, Encoded),
+    (u, eu): (Vec<f32>, Encoded),
+) -> Result<()> {
     let n_out = g.tensors[g.nodes[node].inputs[1]].shape[0];
     let k = g.tensors[g.nodes[node].inputs[1]].shape[1];
     let name = g.nodes[node].name.clone();
@@ -33,18 +49,47 @@ pub fn split_low_rank(g: &mut Graph, node: usize, (r, v, ev): (usize, Vec<f32>, 
         Op::Dense(d) => {
             let mut s = out_shape.clone();
             *s.last_mut().unwrap() = r;
-            (Op::Dense(Dense { act: Activation::NONE }), s, Op::Dense(d))
+            (
+                Op::Dense(Dense {
+                    act: Activation::NONE,
+                }),
+                s,
+                Op::Dense(d),
+            )
         }
         Op::Conv(c) => {
             let mut s = out_shape.clone();
             s[1] = r;
-            let pointwise = Conv { kernel: [1, 1], stride: [1, 1], pads: [0; 4], dilation: [1, 1], groups: 1, act: c.act, col_tile: 0 };
-            (Op::Conv(Conv { act: Activation::NONE, ..c }), s, Op::Conv(pointwise))
+            let pointwise = Conv {
+                kernel: [1, 1],
+                stride: [1, 1],
+                pads: [0; 4],
+                dilation: [1, 1],
+                groups: 1,
+                act: c.act,
+                col_tile: 0,
+            };
+            (
+                Op::Conv(Conv {
+                    act: Activation::NONE,
+                    ..c
+                }),
+                s,
+                Op::Conv(pointwise),
+            )
         }
         _ => bail!("{name}: low rank applies to dense and convolution layers"),
     };
     let mid = g.activation(format!("{name}.lowrank"), DType::F32, mid_shape);
-    g.nodes.insert(node, Node { name: format!("{name}.lowrank_v"), op: first_op, inputs: vec![x, vt], output: mid });
+    g.nodes.insert(
+        node,
+        Node {
+            name: format!("{name}.lowrank_v"),
+            op: first_op,
+            inputs: vec![x, vt],
+            output: mid,
+        },
+    );
     let second = &mut g.nodes[node + 1];
     second.op = second_op;
     second.inputs[0] = mid;
@@ -63,11 +108,21 @@ fn channelwise(op: &Op) -> bool {
 /// they feed in the next dense/convolution layer. The path between them may hold element-wise
 /// activations, pooling and reshapes; anything else (residual adds, several readers, a graph
 /// output) is an error naming what blocks it. Returns how many channels were removed.
-pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&ActStats>) -> Result<usize> {
-    let Some(p) = g.nodes.iter().position(|n| n.name == name) else { bail!("no layer {name}") };
+pub fn prune_channels(
+    g: &mut Graph,
+    name: &str,
+    fraction: f64,
+    stats: Option<&ActStats>,
+) -> Result<usize> {
+    let Some(p) = g.nodes.iter().position(|n| n.name == name) else {
+        bail!("no layer {name}")
+    };
     let (w, cax) = match g.nodes[p].op {
         Op::Conv(c) if c.groups == 1 => (g.nodes[p].inputs[1], 1),
-        Op::Dense(_) => (g.nodes[p].inputs[1], g.tensors[g.nodes[p].output].shape.len() - 1),
+        Op::Dense(_) => (
+            g.nodes[p].inputs[1],
+            g.tensors[g.nodes[p].output].shape.len() - 1,
+        ),
         _ => bail!("{name}: channel pruning applies to dense layers and ungrouped convolutions"),
     };
     let (n, k) = (g.tensors[w].shape[0], g.tensors[w].shape[1]);
@@ -83,9 +138,19 @@ pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&A
             .nodes
             .iter()
             .enumerate()
-            .flat_map(|(i, nd)| nd.inputs.iter().filter(|&&t| t == cur || aliases.contains(&t)).map(move |&t| (i, t)))
+            .flat_map(|(i, nd)| {
+                nd.inputs
+                    .iter()
+                    .filter(|&&t| t == cur || aliases.contains(&t))
+                    .map(move |&t| (i, t))
+            })
             .collect();
-        let [(r, via)] = readers[..] else { bail!("{name}: its output has {} readers; channel pruning needs one path", readers.len()) };
+        let [(r, via)] = readers[..] else {
+            bail!(
+                "{name}: its output has {} readers; channel pruning needs one path",
+                readers.len()
+            )
+        };
         if via != cur {
             // A reshape: either the channel axis survives, or (a flatten) channels become blocks
             // of the last axis.
@@ -93,10 +158,13 @@ pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&A
             let alias = &g.tensors[via].shape;
             let lead: usize = orig[..axis].iter().product();
             let block: usize = orig[axis..].iter().product();
-            let j = (0..alias.len()).find(|&j| alias[..j].iter().product::<usize>() == lead && alias[j] != 1);
+            let j = (0..alias.len())
+                .find(|&j| alias[..j].iter().product::<usize>() == lead && alias[j] != 1);
             match j {
                 Some(j) if alias[j] == orig[axis] => chain.push((via, j)),
-                Some(j) if j == alias.len() - 1 && alias[j] == block => chain.push((via, usize::MAX)),
+                Some(j) if j == alias.len() - 1 && alias[j] == block => {
+                    chain.push((via, usize::MAX))
+                }
                 _ => bail!("{name}: a reshape on the way mixes its channels"),
             }
         }
@@ -108,11 +176,20 @@ pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&A
         }
         match nd.op {
             Op::Dense(_) | Op::Conv(Conv { groups: 1, .. }) if nd.inputs[0] == via => break r,
-            _ => bail!("{name}: {} ({}) between it and the next layer mixes channels", nd.name, nd.op.name()),
+            _ => bail!(
+                "{name}: {} ({}) between it and the next layer mixes channels",
+                nd.name,
+                nd.op.name()
+            ),
         }
     };
     // Scores: row norms of W, weighted by input importance when calibrated.
-    let wv = g.tensors[w].value.as_ref().and_then(|v| v.as_f32()).unwrap().to_vec();
+    let wv = g.tensors[w]
+        .value
+        .as_ref()
+        .and_then(|v| v.as_f32())
+        .unwrap()
+        .to_vec();
     let imp = stats.filter(|s| s.k() == k).map(|s| s.mean_sq());
     let scores = prune::channel_scores(&wv, n, k, imp.as_deref())?;
     let mut drop = prune::channels_to_drop(&scores, fraction)?;
@@ -123,11 +200,19 @@ pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&A
     let keep: Vec<usize> = (0..n).filter(|c| !drop.contains(c)).collect();
     let nk = keep.len();
     // The producer: fewer rows (and bias entries).
-    let rows: Vec<f32> = keep.iter().flat_map(|&c| wv[c * k..(c + 1) * k].to_vec()).collect();
+    let rows: Vec<f32> = keep
+        .iter()
+        .flat_map(|&c| wv[c * k..(c + 1) * k].to_vec())
+        .collect();
     super::set_f32(g, w, vec![nk, k], rows);
     g.tensors[w].encoding = Encoding::PanelF32;
     if let Some(&b) = g.nodes[p].inputs.get(2) {
-        let bv = g.tensors[b].value.as_ref().and_then(|v| v.as_f32()).unwrap().to_vec();
+        let bv = g.tensors[b]
+            .value
+            .as_ref()
+            .and_then(|v| v.as_f32())
+            .unwrap()
+            .to_vec();
         super::set_f32(g, b, vec![nk], keep.iter().map(|&c| bv[c]).collect());
     }
     // Tensors on the path: the channel axis shrinks; a flatten shrinks by whole channel blocks.
@@ -153,7 +238,12 @@ pub fn prune_channels(g: &mut Graph, name: &str, fraction: f64, stats: Option<&A
     if ck != n * per {
         bail!("{name}: the next layer's {ck} inputs are not {n} channels of {per}");
     }
-    let cv = g.tensors[cw].value.as_ref().and_then(|v| v.as_f32()).unwrap().to_vec();
+    let cv = g.tensors[cw]
+        .value
+        .as_ref()
+        .and_then(|v| v.as_f32())
+        .unwrap()
+        .to_vec();
     let mut out = Vec::with_capacity(cn * nk * per);
     for r in 0..cn {
         for &c in &keep {

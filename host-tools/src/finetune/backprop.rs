@@ -40,7 +40,9 @@ use std::fmt;
 use edgetune_core::adapter::{expected_shape, Entry, EntryKind};
 use edgetune_core::layout::{block_code, QBlockLayout};
 use edgetune_core::ops::{Conv, Pool};
-use edgetune_core::{ActKind, Activation, BinaryKind, DType, Encoding, Model, Op, ReduceKind, Shape, Storage, PANEL};
+use edgetune_core::{
+    ActKind, Activation, BinaryKind, DType, Encoding, Model, Op, ReduceKind, Shape, Storage, PANEL,
+};
 use edgetune_runtime::kernels::gemm::{gemm_with_threads, pack_b, packed_len, Gemm};
 use edgetune_runtime::kernels::Kernels;
 use edgetune_runtime::math;
@@ -75,8 +77,18 @@ pub enum BackpropError {
 impl fmt::Display for BackpropError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BackpropError::UnsupportedOp { op, kind, name, backward, why } => {
-                let pass = if *backward { "backward pass" } else { "forward pass" };
+            BackpropError::UnsupportedOp {
+                op,
+                kind,
+                name,
+                backward,
+                why,
+            } => {
+                let pass = if *backward {
+                    "backward pass"
+                } else {
+                    "forward pass"
+                };
                 write!(f, "op #{op} {kind} ({name:?}): no {pass}: {why}")
             }
             BackpropError::BadEntry { entry, why } => write!(f, "adapter entry {entry}: {why}"),
@@ -124,7 +136,11 @@ fn f16_to_f32(h: u16) -> f32 {
         let v = man as f32 * (1.0 / 16_777_216.0);
         return if sign != 0 { -v } else { v };
     }
-    let bits = if exp == 31 { 0x7f80_0000 | (man << 13) } else { ((exp + 112) << 23) | (man << 13) };
+    let bits = if exp == 31 {
+        0x7f80_0000 | (man << 13)
+    } else {
+        ((exp + 112) << 23) | (man << 13)
+    };
     f32::from_bits(sign << 31 | bits)
 }
 
@@ -133,7 +149,10 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 fn f32_vec(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn decode_weight(model: &Model<'_>, id: u32) -> std::result::Result<LinearW, &'static str> {
@@ -169,16 +188,29 @@ fn decode_weight(model: &Model<'_>, id: u32) -> std::result::Result<LinearW, &'s
                     codes[r * k + c] = block_code(&bytes[at..at + l.block_bytes()], l.bits, c % 32);
                 }
             }
-            let lut: Vec<f32> = (0..l.tables * l.entries()).map(|i| f16_at(bytes, l.lut_off + 2 * i)).collect();
-            let scales: Vec<f32> = (0..n * l.groups_per_row()).map(|i| f16_at(bytes, l.scales_off + 2 * i)).collect();
-            let parts = QParts { layout: l, codes, lut, scales };
+            let lut: Vec<f32> = (0..l.tables * l.entries())
+                .map(|i| f16_at(bytes, l.lut_off + 2 * i))
+                .collect();
+            let scales: Vec<f32> = (0..n * l.groups_per_row())
+                .map(|i| f16_at(bytes, l.scales_off + 2 * i))
+                .collect();
+            let parts = QParts {
+                layout: l,
+                codes,
+                lut,
+                scales,
+            };
             let mut w = vec![0.0; n * k];
             parts.build(None, None, &mut w);
             q = Some(parts);
             w
         }
         Encoding::PanelF16 | Encoding::SparseNM => {
-            let e = edgetune_quant::encode::Encoded { encoding: t.meta.encoding, bytes: bytes.to_vec(), params: t.params };
+            let e = edgetune_quant::encode::Encoded {
+                encoding: t.meta.encoding,
+                bytes: bytes.to_vec(),
+                params: t.params,
+            };
             edgetune_quant::encode::decode(&e, n, k).map_err(|_| "cannot decode the weight")?
         }
     };
@@ -214,7 +246,14 @@ impl QParts {
     }
 
     /// Gradients of the log-scales and centroids from the gradient `dw` of the weight.
-    fn backward(&self, log_scales: Option<&[f32]>, centroids: Option<&[f32]>, dw: &[f32], g_ls: Option<&mut [f32]>, g_c: Option<&mut [f32]>) {
+    fn backward(
+        &self,
+        log_scales: Option<&[f32]>,
+        centroids: Option<&[f32]>,
+        dw: &[f32],
+        g_ls: Option<&mut [f32]>,
+        g_c: Option<&mut [f32]>,
+    ) {
         let l = &self.layout;
         let (k, gpr, e) = (l.k, l.groups_per_row(), l.entries());
         let lut = centroids.unwrap_or(&self.lut);
@@ -235,7 +274,11 @@ impl QParts {
                 let d = &dw[r * k + c0..r * k + c1];
                 if let Some(gl) = g_ls.as_deref_mut() {
                     // w = s·e^θ·lut: ∂w/∂θ = w.
-                    let acc: f64 = codes.iter().zip(d).map(|(&c, &dv)| dv as f64 * lut[t * e + c as usize] as f64).sum();
+                    let acc: f64 = codes
+                        .iter()
+                        .zip(d)
+                        .map(|(&c, &dv)| dv as f64 * lut[t * e + c as usize] as f64)
+                        .sum();
                     gl[r * gpr + g] += (acc * s as f64) as f32;
                 }
                 if let Some(gc) = g_c.as_deref_mut() {
@@ -282,14 +325,48 @@ fn mm(
     pack_b(k, n, b, b_rs, b_cs, pack);
     if accumulate {
         let mut tmp = vec![0.0f32; m * n];
-        gemm_with_threads(&ker.gemm, 1, Gemm { m, n, k, a, a_rs, a_cs, b: pack, c: &mut tmp, c_rs: n, c_cs: 1, bias: None, act: Activation::NONE });
+        gemm_with_threads(
+            &ker.gemm,
+            1,
+            Gemm {
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b: pack,
+                c: &mut tmp,
+                c_rs: n,
+                c_cs: 1,
+                bias: None,
+                act: Activation::NONE,
+            },
+        );
         for i in 0..m {
             for j in 0..n {
                 c[i * c_rs + j * c_cs] += tmp[i * n + j];
             }
         }
     } else {
-        gemm_with_threads(&ker.gemm, 1, Gemm { m, n, k, a, a_rs, a_cs, b: pack, c, c_rs, c_cs, bias: None, act: Activation::NONE });
+        gemm_with_threads(
+            &ker.gemm,
+            1,
+            Gemm {
+                m,
+                n,
+                k,
+                a,
+                a_rs,
+                a_cs,
+                b: pack,
+                c,
+                c_rs,
+                c_cs,
+                bias: None,
+                act: Activation::NONE,
+            },
+        );
     }
 }
 
@@ -324,7 +401,8 @@ fn act_grad(act: &Activation, z: f32, y: f32) -> f32 {
         ActKind::Erf => core::f32::consts::FRAC_2_SQRT_PI * (-z * z).exp(),
         ActKind::Gelu => {
             let cdf = 0.5 * (1.0 + erf(z * core::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * z * z).exp() * (0.5 * core::f32::consts::FRAC_2_SQRT_PI * core::f32::consts::FRAC_1_SQRT_2);
+            let pdf = (-0.5 * z * z).exp()
+                * (0.5 * core::f32::consts::FRAC_2_SQRT_PI * core::f32::consts::FRAC_1_SQRT_2);
             cdf + z * pdf
         }
         ActKind::Sqrt => 0.5 / y,
@@ -361,7 +439,15 @@ fn bcast_strides(out: &Shape, s: &Shape) -> Vec<usize> {
     let r = out.rank();
     let st = s.strides();
     let off = r - s.rank();
-    (0..r).map(|i| if i < off || s.dim(i - off) == 1 { 0 } else { st[i - off] }).collect()
+    (0..r)
+        .map(|i| {
+            if i < off || s.dim(i - off) == 1 {
+                0
+            } else {
+                st[i - off]
+            }
+        })
+        .collect()
 }
 
 /// Calls `f(out_index, a_index, b_index)` for every element of `out`.
@@ -436,7 +522,11 @@ fn im2col(c: &Conv, g: &ConvGeom, xb: &[f32], gi: usize, cols: &mut [f32]) {
                 let iy = y0 + (ky * c.dilation[0] as usize) as isize;
                 for kx in 0..g.kw {
                     let ix = x0 + (kx * c.dilation[1] as usize) as isize;
-                    row[j] = if iy >= 0 && iy < g.h as isize && ix >= 0 && ix < g.w as isize { xp[iy as usize * g.w + ix as usize] } else { 0.0 };
+                    row[j] = if iy >= 0 && iy < g.h as isize && ix >= 0 && ix < g.w as isize {
+                        xp[iy as usize * g.w + ix as usize]
+                    } else {
+                        0.0
+                    };
                     j += 1;
                 }
             }
@@ -471,7 +561,15 @@ fn col2im(c: &Conv, g: &ConvGeom, dcols: &[f32], gi: usize, dxb: &mut [f32]) {
 }
 
 /// Visits each pooling window: `f(out_index, input_indices_in_order, divisor)`.
-fn for_each_window(p: &Pool, planes: usize, h: usize, w: usize, ho: usize, wo: usize, mut f: impl FnMut(usize, &[usize], f32)) {
+fn for_each_window(
+    p: &Pool,
+    planes: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    mut f: impl FnMut(usize, &[usize], f32),
+) {
     let (kh, kw) = (p.kernel[0] as usize, p.kernel[1] as usize);
     let (sh, sw) = (p.stride[0] as usize, p.stride[1] as usize);
     let (pt, pl) = (p.pads[0] as isize, p.pads[1] as isize);
@@ -497,8 +595,10 @@ fn for_each_window(p: &Pool, planes: usize, h: usize, w: usize, ho: usize, wo: u
                 }
                 let div = if p.count_include_pad {
                     // The window clipped to the padded input, as the runtime counts it.
-                    let ey = ((y0 + kh as isize).min(h as isize + p.pads[2] as isize) - y0) as usize;
-                    let ex = ((x0 + kw as isize).min(w as isize + p.pads[3] as isize) - x0) as usize;
+                    let ey =
+                        ((y0 + kh as isize).min(h as isize + p.pads[2] as isize) - y0) as usize;
+                    let ex =
+                        ((x0 + kw as isize).min(w as isize + p.pads[3] as isize) - x0) as usize;
                     (ey * ex) as f32
                 } else {
                     idx.len().max(1) as f32
@@ -627,10 +727,23 @@ impl<'m> Backprop<'m> {
         for pe in &per_op {
             match (pe.lora_a, pe.lora_b) {
                 (Some(a), Some(b)) if entries[a].rank != entries[b].rank => {
-                    return Err(BackpropError::BadEntry { entry: b, why: "LoRA A and B ranks differ" })
+                    return Err(BackpropError::BadEntry {
+                        entry: b,
+                        why: "LoRA A and B ranks differ",
+                    })
                 }
-                (Some(a), None) => return Err(BackpropError::BadEntry { entry: a, why: "LoRA A without B" }),
-                (None, Some(b)) => return Err(BackpropError::BadEntry { entry: b, why: "LoRA B without A" }),
+                (Some(a), None) => {
+                    return Err(BackpropError::BadEntry {
+                        entry: a,
+                        why: "LoRA A without B",
+                    })
+                }
+                (None, Some(b)) => {
+                    return Err(BackpropError::BadEntry {
+                        entry: b,
+                        why: "LoRA B without A",
+                    })
+                }
                 _ => {}
             }
         }
@@ -659,8 +772,11 @@ impl<'m> Backprop<'m> {
             let f32_only = || -> Result<()> {
                 for t in info.inputs().chain(info.outputs()) {
                     let ti = model.tensor(t);
-                    let weight = matches!(info.op, Op::Dense(_) | Op::Conv(_)) && Some(t) == (info.n_inputs() > 1).then(|| info.input(1));
-                    if ti.meta.dtype != DType::F32 || (ti.meta.encoding != Encoding::Plain && !weight) {
+                    let weight = matches!(info.op, Op::Dense(_) | Op::Conv(_))
+                        && Some(t) == (info.n_inputs() > 1).then(|| info.input(1));
+                    if ti.meta.dtype != DType::F32
+                        || (ti.meta.encoding != Encoding::Plain && !weight)
+                    {
                         return Err(unsupported(false, "only f32 tensors are supported"));
                     }
                 }
@@ -669,13 +785,27 @@ impl<'m> Backprop<'m> {
             match info.op {
                 Op::Dense(_) | Op::Conv(_) => {
                     f32_only()?;
-                    let w = decode_weight(&model, info.input(1)).map_err(|why| unsupported(false, why))?;
+                    let w = decode_weight(&model, info.input(1))
+                        .map_err(|why| unsupported(false, why))?;
                     linear[i as usize] = Some(w);
                 }
-                Op::Unary(_) | Op::Pool(_) | Op::Softmax { .. } | Op::Reshape | Op::Transpose { .. } | Op::Concat { .. } => f32_only()?,
+                Op::Unary(_)
+                | Op::Pool(_)
+                | Op::Softmax { .. }
+                | Op::Reshape
+                | Op::Transpose { .. }
+                | Op::Concat { .. } => f32_only()?,
                 Op::Binary(k) => {
                     f32_only()?;
-                    if !matches!(k, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div | BinaryKind::Min | BinaryKind::Max) {
+                    if !matches!(
+                        k,
+                        BinaryKind::Add
+                            | BinaryKind::Sub
+                            | BinaryKind::Mul
+                            | BinaryKind::Div
+                            | BinaryKind::Min
+                            | BinaryKind::Max
+                    ) {
                         return Err(unsupported(false, "only add, sub, mul, div, min and max"));
                     }
                 }
@@ -684,7 +814,10 @@ impl<'m> Backprop<'m> {
                     if in_tail {
                         for j in 1..info.n_inputs() {
                             if model.tensor(info.input(j)).meta.storage != Storage::Const {
-                                return Err(unsupported(true, "gain or shift computed at run time"));
+                                return Err(unsupported(
+                                    true,
+                                    "gain or shift computed at run time",
+                                ));
                             }
                         }
                     }
@@ -699,12 +832,19 @@ impl<'m> Backprop<'m> {
             }
             for t in info.inputs() {
                 let ti = model.tensor(t);
-                if ti.meta.storage == Storage::Const && ti.meta.encoding == Encoding::Plain && ti.meta.dtype == DType::F32 && consts[t as usize].is_none() {
+                if ti.meta.storage == Storage::Const
+                    && ti.meta.encoding == Encoding::Plain
+                    && ti.meta.dtype == DType::F32
+                    && consts[t as usize].is_none()
+                {
                     consts[t as usize] = Some(f32_vec(model.const_bytes(t)));
                 }
             }
         }
-        let input = model.input(0).ok_or_else(|| BackpropError::Mismatch("model has no input".into()))?.tensor;
+        let input = model
+            .input(0)
+            .ok_or_else(|| BackpropError::Mismatch("model has no input".into()))?
+            .tensor;
         if model.inputs().count() != 1 {
             return mismatch("only models with one input are supported".into());
         }
@@ -712,7 +852,10 @@ impl<'m> Backprop<'m> {
         if it.meta.dtype != DType::F32 || it.meta.shape.rank() == 0 {
             return mismatch("input 0 must be an f32 tensor with a batch axis".into());
         }
-        let output = model.output(0).expect("validated models have an output").tensor;
+        let output = model
+            .output(0)
+            .expect("validated models have an output")
+            .tensor;
         let os = model.tensor(output).meta.shape;
         if model.tensor(output).meta.dtype != DType::F32 || os.rank() == 0 {
             return mismatch("output 0 must be f32 logits [batch, classes]".into());
@@ -784,7 +927,9 @@ impl<'m> Backprop<'m> {
         if let Some(c) = &self.consts[id as usize] {
             return c;
         }
-        self.vals[self.root[id as usize] as usize].as_deref().expect("tensor computed before use")
+        self.vals[self.root[id as usize] as usize]
+            .as_deref()
+            .expect("tensor computed before use")
     }
 
     fn shape(&self, id: u32) -> Shape {
@@ -826,7 +971,11 @@ impl<'m> Backprop<'m> {
 
     fn check_values(&self, values: &[f32]) -> Result<()> {
         if values.len() < self.values_needed {
-            return mismatch(format!("adapter needs {} values, got {}", self.values_needed, values.len()));
+            return mismatch(format!(
+                "adapter needs {} values, got {}",
+                self.values_needed,
+                values.len()
+            ));
         }
         Ok(())
     }
@@ -834,7 +983,11 @@ impl<'m> Backprop<'m> {
     fn run_forward(&mut self, x: &[f32], values: &[f32]) -> Result<()> {
         self.check_values(values)?;
         if x.len() != self.batch * self.sample_len {
-            return mismatch(format!("input has {} values, the model takes {}", x.len(), self.batch * self.sample_len));
+            return mismatch(format!(
+                "input has {} values, the model takes {}",
+                x.len(),
+                self.batch * self.sample_len
+            ));
         }
         self.vals.iter_mut().for_each(|v| *v = None);
         self.vals[self.input as usize] = Some(x.to_vec());
@@ -852,29 +1005,44 @@ impl<'m> Backprop<'m> {
         let y: Vec<f32> = match info.op {
             Op::Dense(d) => self.dense_forward(i, values, d.act, keep),
             Op::Conv(c) => self.conv_forward(i, values, &c, keep),
-            Op::Unary(act) => self.val(info.input(0)).iter().map(|&v| math::apply(&act, v)).collect(),
+            Op::Unary(act) => self
+                .val(info.input(0))
+                .iter()
+                .map(|&v| math::apply(&act, v))
+                .collect(),
             Op::Pool(p) => {
                 let (xs, x) = (self.shape(info.input(0)), self.val(info.input(0)));
                 let mut y = vec![0.0; ys.numel()];
-                for_each_window(&p, xs.dim(0) * xs.dim(1), xs.dim(2), xs.dim(3), ys.dim(2), ys.dim(3), |o, idx, div| {
-                    y[o] = if p.max {
-                        let mut acc = f32::NEG_INFINITY;
-                        for &j in idx {
-                            if x[j] > acc || x[j].is_nan() {
-                                acc = x[j];
+                for_each_window(
+                    &p,
+                    xs.dim(0) * xs.dim(1),
+                    xs.dim(2),
+                    xs.dim(3),
+                    ys.dim(2),
+                    ys.dim(3),
+                    |o, idx, div| {
+                        y[o] = if p.max {
+                            let mut acc = f32::NEG_INFINITY;
+                            for &j in idx {
+                                if x[j] > acc || x[j].is_nan() {
+                                    acc = x[j];
+                                }
                             }
-                        }
-                        acc
-                    } else {
-                        idx.iter().map(|&j| x[j]).sum::<f32>() / div
-                    };
-                });
+                            acc
+                        } else {
+                            idx.iter().map(|&j| x[j]).sum::<f32>() / div
+                        };
+                    },
+                );
                 y
             }
             Op::Reshape => self.val(info.input(0)).to_vec(),
             Op::Binary(kind) => {
                 let (a, b) = (info.input(0), info.input(1));
-                let (sa, sb) = (bcast_strides(&ys, &self.shape(a)), bcast_strides(&ys, &self.shape(b)));
+                let (sa, sb) = (
+                    bcast_strides(&ys, &self.shape(a)),
+                    bcast_strides(&ys, &self.shape(b)),
+                );
                 let (av, bv) = (self.val(a), self.val(b));
                 let mut y = vec![0.0; ys.numel()];
                 for_each_bcast(&ys, &sa, &sb, |o, ia, ib| {
@@ -902,10 +1070,22 @@ impl<'m> Backprop<'m> {
             Op::LayerNorm { axis, eps, rms } => {
                 let inner = ys.prod(axis as usize, ys.rank());
                 let pe = self.per_op[i as usize];
-                let gamma = self.entry_vals(values, pe.gain).or_else(|| (info.n_inputs() > 1).then(|| self.val(info.input(1))));
-                let beta = self.entry_vals(values, pe.shift).or_else(|| (info.n_inputs() > 2).then(|| self.val(info.input(2))));
+                let gamma = self
+                    .entry_vals(values, pe.gain)
+                    .or_else(|| (info.n_inputs() > 1).then(|| self.val(info.input(1))));
+                let beta = self
+                    .entry_vals(values, pe.shift)
+                    .or_else(|| (info.n_inputs() > 2).then(|| self.val(info.input(2))));
                 let mut y = vec![0.0; ys.numel()];
-                edgetune_runtime::kernels::norm::layer_norm(self.val(info.input(0)), &mut y, inner, gamma, beta, eps, rms);
+                edgetune_runtime::kernels::norm::layer_norm(
+                    self.val(info.input(0)),
+                    &mut y,
+                    inner,
+                    gamma,
+                    beta,
+                    eps,
+                    rms,
+                );
                 y
             }
             Op::Transpose { perm } => {
@@ -926,7 +1106,8 @@ impl<'m> Backprop<'m> {
                     let block = self.shape(t).dim(ax) * inner;
                     let x = self.val(t);
                     for o in 0..outer {
-                        y[o * row + off..o * row + off + block].copy_from_slice(&x[o * block..(o + 1) * block]);
+                        y[o * row + off..o * row + off + block]
+                            .copy_from_slice(&x[o * block..(o + 1) * block]);
                     }
                     off += block;
                 }
@@ -961,7 +1142,8 @@ impl<'m> Backprop<'m> {
 
     fn bias<'a>(&'a self, i: u32, values: &'a [f32]) -> Option<&'a [f32]> {
         let info = self.model.op(i);
-        self.entry_vals(values, self.per_op[i as usize].bias).or_else(|| (info.n_inputs() > 2).then(|| self.val(info.input(2))))
+        self.entry_vals(values, self.per_op[i as usize].bias)
+            .or_else(|| (info.n_inputs() > 2).then(|| self.val(info.input(2))))
     }
 
     fn rebuild_weight(&mut self, i: u32, values: &[f32]) {
@@ -971,10 +1153,16 @@ impl<'m> Backprop<'m> {
             return;
         }
         let lw = self.linear[i as usize].as_ref().expect("linear op");
-        let q = lw.q.as_ref().expect("log-scales and centroids apply to block-quantized weights");
+        let q =
+            lw.q.as_ref()
+                .expect("log-scales and centroids apply to block-quantized weights");
         let mut w = self.saved[i as usize].w.take().unwrap_or_default();
         w.resize(lw.n * lw.k, 0.0);
-        q.build(self.entry_vals(values, pe.log_scale), self.entry_vals(values, pe.centroids), &mut w);
+        q.build(
+            self.entry_vals(values, pe.log_scale),
+            self.entry_vals(values, pe.centroids),
+            &mut w,
+        );
         self.saved[i as usize].w = Some(w);
     }
 
@@ -983,7 +1171,12 @@ impl<'m> Backprop<'m> {
         let (a, b) = (pe.lora_a?, pe.lora_b?);
         let e = &self.entries[a];
         let r = e.rank as usize;
-        Some((&values[e.range()], &values[self.entries[b].range()], r, e.alpha / r as f32))
+        Some((
+            &values[e.range()],
+            &values[self.entries[b].range()],
+            r,
+            e.alpha / r as f32,
+        ))
     }
 
     fn dense_forward(&mut self, i: u32, values: &[f32], act: Activation, keep: bool) -> Vec<f32> {
@@ -998,13 +1191,37 @@ impl<'m> Backprop<'m> {
         let m = x.len() / k;
         let mut z = vec![0.0f32; m * n];
         let w = self.weight(i, values);
-        mm(&self.kernels, &mut pack, (m, n, k), (x, k, 1), (w, 1, k), (&mut z, n, 1), false);
+        mm(
+            &self.kernels,
+            &mut pack,
+            (m, n, k),
+            (x, k, 1),
+            (w, 1, k),
+            (&mut z, n, 1),
+            false,
+        );
         let mut u = Vec::new();
         if let Some((a, b, r, s)) = self.lora(i, values) {
             u = vec![0.0f32; m * r];
-            mm(&self.kernels, &mut pack, (m, r, k), (x, k, 1), (a, 1, k), (&mut u, r, 1), false);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (m, r, k),
+                (x, k, 1),
+                (a, 1, k),
+                (&mut u, r, 1),
+                false,
+            );
             let us: Vec<f32> = u.iter().map(|v| v * s).collect();
-            mm(&self.kernels, &mut pack, (m, n, r), (&us, r, 1), (b, 1, r), (&mut z, n, 1), true);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (m, n, r),
+                (&us, r, 1),
+                (b, 1, r),
+                (&mut z, n, 1),
+                true,
+            );
         }
         if let Some(bias) = self.bias(i, values) {
             for row in z.chunks_exact_mut(n) {
@@ -1059,14 +1276,38 @@ impl<'m> Backprop<'m> {
             for gi in 0..g.groups {
                 im2col(c, &g, xb, gi, &mut cols);
                 let zb = &mut z[(b * g.cout + gi * cout_g) * p..];
-                mm(&self.kernels, &mut pack, (p, cout_g, kg), (&cols, kg, 1), (&w[gi * cout_g * kg..], 1, kg), (zb, 1, p), false);
+                mm(
+                    &self.kernels,
+                    &mut pack,
+                    (p, cout_g, kg),
+                    (&cols, kg, 1),
+                    (&w[gi * cout_g * kg..], 1, kg),
+                    (zb, 1, p),
+                    false,
+                );
             }
             if let Some((a, bm, r, s)) = lora {
                 let ub = &mut u[b * r * p..(b + 1) * r * p];
-                mm(&self.kernels, &mut pack, (p, r, kg), (&cols, kg, 1), (a, 1, kg), (ub, 1, p), false);
+                mm(
+                    &self.kernels,
+                    &mut pack,
+                    (p, r, kg),
+                    (&cols, kg, 1),
+                    (a, 1, kg),
+                    (ub, 1, p),
+                    false,
+                );
                 let us: Vec<f32> = ub.iter().map(|v| v * s).collect();
                 let zb = &mut z[b * g.cout * p..(b + 1) * g.cout * p];
-                mm(&self.kernels, &mut pack, (p, g.cout, r), (&us, 1, p), (bm, 1, r), (zb, 1, p), true);
+                mm(
+                    &self.kernels,
+                    &mut pack,
+                    (p, g.cout, r),
+                    (&us, 1, p),
+                    (bm, 1, r),
+                    (zb, 1, p),
+                    true,
+                );
             }
         }
         if let Some(bias) = self.bias(i, values) {
@@ -1091,26 +1332,50 @@ impl<'m> Backprop<'m> {
     pub fn loss(&mut self, x: &[f32], labels: &[i64], values: &[f32]) -> Result<f64> {
         self.check_labels(labels)?;
         self.run_forward(x, values)?;
-        Ok(cross_entropy_f64(self.val(self.output), self.classes, labels, None))
+        Ok(cross_entropy_f64(
+            self.val(self.output),
+            self.classes,
+            labels,
+            None,
+        ))
     }
 
     fn check_labels(&self, labels: &[i64]) -> Result<()> {
         if labels.len() != self.batch {
-            return mismatch(format!("{} labels for a batch of {}", labels.len(), self.batch));
+            return mismatch(format!(
+                "{} labels for a batch of {}",
+                labels.len(),
+                self.batch
+            ));
         }
         Ok(())
     }
 
     /// Loss (as [`Backprop::loss`]) and its gradient with respect to every adapter value, added
     /// into `grad` (same indexing as `values`; zero it first for a plain gradient).
-    pub fn loss_and_grad(&mut self, x: &[f32], labels: &[i64], values: &[f32], grad: &mut [f32]) -> Result<f64> {
+    pub fn loss_and_grad(
+        &mut self,
+        x: &[f32],
+        labels: &[i64],
+        values: &[f32],
+        grad: &mut [f32],
+    ) -> Result<f64> {
         self.check_labels(labels)?;
         if grad.len() < self.values_needed {
-            return mismatch(format!("gradient buffer needs {} values, got {}", self.values_needed, grad.len()));
+            return mismatch(format!(
+                "gradient buffer needs {} values, got {}",
+                self.values_needed,
+                grad.len()
+            ));
         }
         self.run_forward(x, values)?;
         let mut dlogits = vec![0.0f32; self.batch * self.classes];
-        let loss = cross_entropy_f64(self.val(self.output), self.classes, labels, Some(&mut dlogits));
+        let loss = cross_entropy_f64(
+            self.val(self.output),
+            self.classes,
+            labels,
+            Some(&mut dlogits),
+        );
         self.grads.iter_mut().for_each(|g| *g = None);
         if self.first >= self.model.op_count() {
             return Ok(loss);
@@ -1136,7 +1401,12 @@ impl<'m> Backprop<'m> {
                 let x = info.input(0);
                 if self.needs_grad(x) {
                     let (xv, yv) = (self.val(x), self.val(out));
-                    let dx = dy.iter().zip(xv).zip(yv).map(|((&g, &z), &y)| g * act_grad(&act, z, y)).collect();
+                    let dx = dy
+                        .iter()
+                        .zip(xv)
+                        .zip(yv)
+                        .map(|((&g, &z), &y)| g * act_grad(&act, z, y))
+                        .collect();
                     self.add_grad(x, dx);
                 }
             }
@@ -1146,25 +1416,33 @@ impl<'m> Backprop<'m> {
                     let xs = self.shape(x);
                     let xv = self.val(x);
                     let mut dx = vec![0.0f32; xs.numel()];
-                    for_each_window(&p, xs.dim(0) * xs.dim(1), xs.dim(2), xs.dim(3), ys.dim(2), ys.dim(3), |o, idx, div| {
-                        if p.max {
-                            let mut best: Option<usize> = None;
-                            let mut acc = f32::NEG_INFINITY;
-                            for &j in idx {
-                                if xv[j] > acc || xv[j].is_nan() {
-                                    acc = xv[j];
-                                    best = Some(j);
+                    for_each_window(
+                        &p,
+                        xs.dim(0) * xs.dim(1),
+                        xs.dim(2),
+                        xs.dim(3),
+                        ys.dim(2),
+                        ys.dim(3),
+                        |o, idx, div| {
+                            if p.max {
+                                let mut best: Option<usize> = None;
+                                let mut acc = f32::NEG_INFINITY;
+                                for &j in idx {
+                                    if xv[j] > acc || xv[j].is_nan() {
+                                        acc = xv[j];
+                                        best = Some(j);
+                                    }
+                                }
+                                if let Some(j) = best {
+                                    dx[j] += dy[o];
+                                }
+                            } else {
+                                for &j in idx {
+                                    dx[j] += dy[o] / div;
                                 }
                             }
-                            if let Some(j) = best {
-                                dx[j] += dy[o];
-                            }
-                        } else {
-                            for &j in idx {
-                                dx[j] += dy[o] / div;
-                            }
-                        }
-                    });
+                        },
+                    );
                     self.add_grad(x, dx);
                 }
             }
@@ -1190,8 +1468,20 @@ impl<'m> Backprop<'m> {
                         BinaryKind::Mul => (g * q, g * p),
                         BinaryKind::Div => (g / q, -g * p / (q * q)),
                         // Ties go to `a`, as `f32::min`/`max` return it.
-                        BinaryKind::Min => if p <= q || q.is_nan() { (g, 0.0) } else { (0.0, g) },
-                        BinaryKind::Max => if p >= q || q.is_nan() { (g, 0.0) } else { (0.0, g) },
+                        BinaryKind::Min => {
+                            if p <= q || q.is_nan() {
+                                (g, 0.0)
+                            } else {
+                                (0.0, g)
+                            }
+                        }
+                        BinaryKind::Max => {
+                            if p >= q || q.is_nan() {
+                                (g, 0.0)
+                            } else {
+                                (0.0, g)
+                            }
+                        }
                         _ => unreachable!("checked at construction"),
                     };
                     if na {
@@ -1212,13 +1502,16 @@ impl<'m> Backprop<'m> {
                 let x = info.input(0);
                 if self.needs_grad(x) {
                     let ax = axis as usize;
-                    let (outer, n, inner) = (ys.prod(0, ax), ys.dim(ax), ys.prod(ax + 1, ys.rank()));
+                    let (outer, n, inner) =
+                        (ys.prod(0, ax), ys.dim(ax), ys.prod(ax + 1, ys.rank()));
                     let y = self.val(out);
                     let mut dx = vec![0.0f32; ys.numel()];
                     for o in 0..outer {
                         for j in 0..inner {
                             let base = o * n * inner + j;
-                            let dot: f32 = (0..n).map(|t| dy[base + t * inner] * y[base + t * inner]).sum();
+                            let dot: f32 = (0..n)
+                                .map(|t| dy[base + t * inner] * y[base + t * inner])
+                                .sum();
                             for t in 0..n {
                                 let at = base + t * inner;
                                 dx[at] = y[at] * (dy[at] - dot);
@@ -1232,7 +1525,9 @@ impl<'m> Backprop<'m> {
                 let x = info.input(0);
                 let inner = ys.prod(axis as usize, ys.rank());
                 let pe = self.per_op[i as usize];
-                let gamma = self.entry_vals(values, pe.gain).or_else(|| (info.n_inputs() > 1).then(|| self.val(info.input(1))));
+                let gamma = self
+                    .entry_vals(values, pe.gain)
+                    .or_else(|| (info.n_inputs() > 1).then(|| self.val(info.input(1))));
                 let xv = self.val(x);
                 let need_x = self.needs_grad(x);
                 let mut dx = vec![0.0f32; if need_x { xv.len() } else { 0 }];
@@ -1240,8 +1535,16 @@ impl<'m> Backprop<'m> {
                 let nf = inner as f32;
                 let mut xhat = vec![0.0f32; inner];
                 let mut dxh = vec![0.0f32; inner];
-                for (r, (xr, dyr)) in xv.chunks_exact(inner).zip(dy.chunks_exact(inner)).enumerate() {
-                    let mean = if rms { 0.0 } else { xr.iter().sum::<f32>() / nf };
+                for (r, (xr, dyr)) in xv
+                    .chunks_exact(inner)
+                    .zip(dy.chunks_exact(inner))
+                    .enumerate()
+                {
+                    let mean = if rms {
+                        0.0
+                    } else {
+                        xr.iter().sum::<f32>() / nf
+                    };
                     let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / nf;
                     let inv = 1.0 / (var + eps).sqrt();
                     for j in 0..inner {
@@ -1251,7 +1554,11 @@ impl<'m> Backprop<'m> {
                         dbeta[j] += dyr[j];
                     }
                     if need_x {
-                        let m1 = if rms { 0.0 } else { dxh.iter().sum::<f32>() / nf };
+                        let m1 = if rms {
+                            0.0
+                        } else {
+                            dxh.iter().sum::<f32>() / nf
+                        };
                         let m2 = dxh.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f32>() / nf;
                         for j in 0..inner {
                             dx[r * inner + j] = inv * (dxh[j] - m1 - xhat[j] * m2);
@@ -1259,10 +1566,16 @@ impl<'m> Backprop<'m> {
                     }
                 }
                 if let Some(e) = pe.gain {
-                    grad[self.entries[e].range()].iter_mut().zip(&dg).for_each(|(a, b)| *a += b);
+                    grad[self.entries[e].range()]
+                        .iter_mut()
+                        .zip(&dg)
+                        .for_each(|(a, b)| *a += b);
                 }
                 if let Some(e) = pe.shift {
-                    grad[self.entries[e].range()].iter_mut().zip(&dbeta).for_each(|(a, b)| *a += b);
+                    grad[self.entries[e].range()]
+                        .iter_mut()
+                        .zip(&dbeta)
+                        .for_each(|(a, b)| *a += b);
                 }
                 if need_x {
                     self.add_grad(x, dx);
@@ -1289,7 +1602,8 @@ impl<'m> Backprop<'m> {
                     if self.needs_grad(t) {
                         let mut dx = vec![0.0f32; outer * block];
                         for o in 0..outer {
-                            dx[o * block..(o + 1) * block].copy_from_slice(&dy[o * row + off..o * row + off + block]);
+                            dx[o * block..(o + 1) * block]
+                                .copy_from_slice(&dy[o * row + off..o * row + off + block]);
                         }
                         self.add_grad(t, dx);
                     }
@@ -1301,7 +1615,11 @@ impl<'m> Backprop<'m> {
                 if self.needs_grad(x) {
                     let xs = self.shape(x);
                     let (ost, count) = reduce_map(&xs, axes);
-                    let scale = if kind == ReduceKind::Mean { 1.0 / count as f32 } else { 1.0 };
+                    let scale = if kind == ReduceKind::Mean {
+                        1.0 / count as f32
+                    } else {
+                        1.0
+                    };
                     let mut dx = vec![0.0f32; xs.numel()];
                     for_each_bcast(&xs, &ost, &ost, |ix, o, _| dx[ix] = dy[o] * scale);
                     self.add_grad(x, dx);
@@ -1315,25 +1633,48 @@ impl<'m> Backprop<'m> {
     fn weight_param_grads(&self, i: u32, values: &[f32], dw: &[f32], grad: &mut [f32]) {
         let pe = self.per_op[i as usize];
         if let Some(h) = pe.head {
-            grad[self.entries[h].range()].iter_mut().zip(dw).for_each(|(a, b)| *a += b);
+            grad[self.entries[h].range()]
+                .iter_mut()
+                .zip(dw)
+                .for_each(|(a, b)| *a += b);
             return; // log-scales and centroids have no effect under a head
         }
         if pe.log_scale.is_none() && pe.centroids.is_none() {
             return;
         }
-        let q = self.linear[i as usize].as_ref().and_then(|l| l.q.as_ref()).expect("block-quantized weight");
-        let (ls, cs) = (self.entry_vals(values, pe.log_scale), self.entry_vals(values, pe.centroids));
-        let mut g_ls = pe.log_scale.map(|e| vec![0.0f32; self.entries[e].len as usize]);
-        let mut g_c = pe.centroids.map(|e| vec![0.0f32; self.entries[e].len as usize]);
+        let q = self.linear[i as usize]
+            .as_ref()
+            .and_then(|l| l.q.as_ref())
+            .expect("block-quantized weight");
+        let (ls, cs) = (
+            self.entry_vals(values, pe.log_scale),
+            self.entry_vals(values, pe.centroids),
+        );
+        let mut g_ls = pe
+            .log_scale
+            .map(|e| vec![0.0f32; self.entries[e].len as usize]);
+        let mut g_c = pe
+            .centroids
+            .map(|e| vec![0.0f32; self.entries[e].len as usize]);
         q.backward(ls, cs, dw, g_ls.as_deref_mut(), g_c.as_deref_mut());
         for (e, g) in [(pe.log_scale, g_ls), (pe.centroids, g_c)] {
             if let (Some(e), Some(g)) = (e, g) {
-                grad[self.entries[e].range()].iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+                grad[self.entries[e].range()]
+                    .iter_mut()
+                    .zip(&g)
+                    .for_each(|(a, b)| *a += b);
             }
         }
     }
 
-    fn dense_backward(&mut self, i: u32, values: &[f32], act: &Activation, dy: Vec<f32>, grad: &mut [f32]) {
+    fn dense_backward(
+        &mut self,
+        i: u32,
+        values: &[f32],
+        act: &Activation,
+        dy: Vec<f32>,
+        grad: &mut [f32],
+    ) {
         let mut pack = std::mem::take(&mut self.pack);
         let info = self.model.op(i);
         let x_id = info.input(0);
@@ -1346,7 +1687,10 @@ impl<'m> Backprop<'m> {
         let mut dz = dy;
         if !act.is_identity() {
             let y = self.val(info.output(0));
-            dz.iter_mut().zip(&saved.z).zip(y).for_each(|((g, &z), &yv)| *g *= act_grad(act, z, yv));
+            dz.iter_mut()
+                .zip(&saved.z)
+                .zip(y)
+                .for_each(|((g, &z), &yv)| *g *= act_grad(act, z, yv));
         }
         let x = self.val(x_id);
         let m = x.len() / k;
@@ -1358,7 +1702,15 @@ impl<'m> Backprop<'m> {
         }
         if pe.needs_dw() {
             let mut dw = vec![0.0f32; n * k];
-            mm(&self.kernels, &mut pack, (n, k, m), (&dz, 1, n), (x, k, 1), (&mut dw, k, 1), false);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (n, k, m),
+                (&dz, 1, n),
+                (x, k, 1),
+                (&mut dw, k, 1),
+                false,
+            );
             self.weight_param_grads(i, values, &dw, grad);
         }
         let lora = self.lora(i, values);
@@ -1366,19 +1718,59 @@ impl<'m> Backprop<'m> {
         if let Some((_, b, r, s)) = lora {
             let us: Vec<f32> = saved.u.iter().map(|v| v * s).collect();
             let gb = &mut grad[self.entries[pe.lora_b.expect("paired")].range()];
-            mm(&self.kernels, &mut pack, (n, r, m), (&dz, 1, n), (&us, r, 1), (gb, r, 1), true);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (n, r, m),
+                (&dz, 1, n),
+                (&us, r, 1),
+                (gb, r, 1),
+                true,
+            );
             du = vec![0.0f32; m * r];
-            mm(&self.kernels, &mut pack, (m, r, n), (&dz, n, 1), (b, r, 1), (&mut du, r, 1), false);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (m, r, n),
+                (&dz, n, 1),
+                (b, r, 1),
+                (&mut du, r, 1),
+                false,
+            );
             du.iter_mut().for_each(|v| *v *= s);
             let ga = &mut grad[self.entries[pe.lora_a.expect("paired")].range()];
-            mm(&self.kernels, &mut pack, (r, k, m), (&du, 1, r), (x, k, 1), (ga, k, 1), true);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (r, k, m),
+                (&du, 1, r),
+                (x, k, 1),
+                (ga, k, 1),
+                true,
+            );
         }
         let dx = self.needs_grad(x_id).then(|| {
             let w = self.weight(i, values);
             let mut dx = vec![0.0f32; m * k];
-            mm(&self.kernels, &mut pack, (m, k, n), (&dz, n, 1), (w, k, 1), (&mut dx, k, 1), false);
+            mm(
+                &self.kernels,
+                &mut pack,
+                (m, k, n),
+                (&dz, n, 1),
+                (w, k, 1),
+                (&mut dx, k, 1),
+                false,
+            );
             if let Some((a, _, r, _)) = lora {
-                mm(&self.kernels, &mut pack, (m, k, r), (&du, r, 1), (a, k, 1), (&mut dx, k, 1), true);
+                mm(
+                    &self.kernels,
+                    &mut pack,
+                    (m, k, r),
+                    (&du, r, 1),
+                    (a, k, 1),
+                    (&mut dx, k, 1),
+                    true,
+                );
             }
             dx
         });
@@ -1399,7 +1791,10 @@ impl<'m> Backprop<'m> {
         let mut dz = dy;
         if !c.act.is_identity() {
             let y = self.val(info.output(0));
-            dz.iter_mut().zip(&saved.z).zip(y).for_each(|((gv, &z), &yv)| *gv *= act_grad(&c.act, z, yv));
+            dz.iter_mut()
+                .zip(&saved.z)
+                .zip(y)
+                .for_each(|((gv, &z), &yv)| *gv *= act_grad(&c.act, z, yv));
         }
         let need_x = self.needs_grad(x_id);
         let need_dw = pe.needs_dw();
@@ -1426,33 +1821,93 @@ impl<'m> Backprop<'m> {
                 im2col(c, &g, xb, gi, &mut cols);
                 let dzg = &dzb[gi * cout_g * p..(gi + 1) * cout_g * p];
                 if need_dw {
-                    mm(&self.kernels, &mut pack, (cout_g, kg, p), (dzg, p, 1), (&cols, kg, 1), (&mut dw[gi * cout_g * kg..], kg, 1), true);
+                    mm(
+                        &self.kernels,
+                        &mut pack,
+                        (cout_g, kg, p),
+                        (dzg, p, 1),
+                        (&cols, kg, 1),
+                        (&mut dw[gi * cout_g * kg..], kg, 1),
+                        true,
+                    );
                 }
                 // LoRA needs groups = 1, so this runs once per image.
                 let mut du = Vec::new();
                 if let Some((_, bm, r, s)) = lora {
-                    let us: Vec<f32> = saved.u[b * r * p..(b + 1) * r * p].iter().map(|v| v * s).collect();
-                    mm(&self.kernels, &mut pack, (g.cout, r, p), (dzb, p, 1), (&us, 1, p), (&mut gbm, r, 1), true);
+                    let us: Vec<f32> = saved.u[b * r * p..(b + 1) * r * p]
+                        .iter()
+                        .map(|v| v * s)
+                        .collect();
+                    mm(
+                        &self.kernels,
+                        &mut pack,
+                        (g.cout, r, p),
+                        (dzb, p, 1),
+                        (&us, 1, p),
+                        (&mut gbm, r, 1),
+                        true,
+                    );
                     du = vec![0.0f32; r * p];
-                    mm(&self.kernels, &mut pack, (r, p, g.cout), (bm, 1, r), (dzb, p, 1), (&mut du, p, 1), false);
+                    mm(
+                        &self.kernels,
+                        &mut pack,
+                        (r, p, g.cout),
+                        (bm, 1, r),
+                        (dzb, p, 1),
+                        (&mut du, p, 1),
+                        false,
+                    );
                     du.iter_mut().for_each(|v| *v *= s);
-                    mm(&self.kernels, &mut pack, (r, kg, p), (&du, p, 1), (&cols, kg, 1), (&mut ga, kg, 1), true);
+                    mm(
+                        &self.kernels,
+                        &mut pack,
+                        (r, kg, p),
+                        (&du, p, 1),
+                        (&cols, kg, 1),
+                        (&mut ga, kg, 1),
+                        true,
+                    );
                 }
                 if need_x {
-                    mm(&self.kernels, &mut pack, (p, kg, cout_g), (dzg, 1, p), (&w[gi * cout_g * kg..], kg, 1), (&mut dcols, kg, 1), false);
+                    mm(
+                        &self.kernels,
+                        &mut pack,
+                        (p, kg, cout_g),
+                        (dzg, 1, p),
+                        (&w[gi * cout_g * kg..], kg, 1),
+                        (&mut dcols, kg, 1),
+                        false,
+                    );
                     if let Some((a, _, r, _)) = lora {
-                        mm(&self.kernels, &mut pack, (p, kg, r), (&du, 1, p), (a, kg, 1), (&mut dcols, kg, 1), true);
+                        mm(
+                            &self.kernels,
+                            &mut pack,
+                            (p, kg, r),
+                            (&du, 1, p),
+                            (a, kg, 1),
+                            (&mut dcols, kg, 1),
+                            true,
+                        );
                     }
                     col2im(c, &g, &dcols, gi, &mut dx[b * plane..(b + 1) * plane]);
                 }
             }
         }
         if let Some(e) = pe.bias {
-            grad[self.entries[e].range()].iter_mut().zip(&gbias).for_each(|(a, b)| *a += b);
+            grad[self.entries[e].range()]
+                .iter_mut()
+                .zip(&gbias)
+                .for_each(|(a, b)| *a += b);
         }
         if lora.is_some() {
-            grad[self.entries[pe.lora_a.expect("paired")].range()].iter_mut().zip(&ga).for_each(|(a, b)| *a += b);
-            grad[self.entries[pe.lora_b.expect("paired")].range()].iter_mut().zip(&gbm).for_each(|(a, b)| *a += b);
+            grad[self.entries[pe.lora_a.expect("paired")].range()]
+                .iter_mut()
+                .zip(&ga)
+                .for_each(|(a, b)| *a += b);
+            grad[self.entries[pe.lora_b.expect("paired")].range()]
+                .iter_mut()
+                .zip(&gbm)
+                .for_each(|(a, b)| *a += b);
         }
         if need_dw {
             self.weight_param_grads(i, values, &dw, grad);
@@ -1498,13 +1953,23 @@ impl<'m> Backprop<'m> {
     fn check_data(&self, data: &[f32], labels: &[i64]) -> Result<usize> {
         let count = labels.len();
         if count == 0 || data.len() != count * self.sample_len {
-            return mismatch(format!("{} values for {count} samples of {} values", data.len(), self.sample_len));
+            return mismatch(format!(
+                "{} values for {count} samples of {} values",
+                data.len(),
+                self.sample_len
+            ));
         }
         Ok(count)
     }
 
     /// First-order training on `(data, labels)`: see [`train_first_order`].
-    pub fn train(&mut self, values: &mut [f32], data: &[f32], labels: &[i64], cfg: &FirstOrderConfig) -> Result<Vec<(u32, f32)>> {
+    pub fn train(
+        &mut self,
+        values: &mut [f32],
+        data: &[f32],
+        labels: &[i64],
+        cfg: &FirstOrderConfig,
+    ) -> Result<Vec<(u32, f32)>> {
         let count = self.check_data(data, labels)?;
         self.check_values(values)?;
         let (b, sl) = (self.batch, self.sample_len);
@@ -1576,7 +2041,12 @@ fn reduce_map(xs: &Shape, axes: u32) -> (Vec<usize>, usize) {
 
 /// Mean cross-entropy in f64 (labels clamped to the last class as the runtime does); writes the
 /// gradient with respect to the logits when asked.
-fn cross_entropy_f64(logits: &[f32], classes: usize, labels: &[i64], mut d: Option<&mut [f32]>) -> f64 {
+fn cross_entropy_f64(
+    logits: &[f32],
+    classes: usize,
+    labels: &[i64],
+    mut d: Option<&mut [f32]>,
+) -> f64 {
     let rows = labels.len();
     let mut total = 0.0f64;
     for (r, (row, &label)) in logits.chunks_exact(classes).zip(labels).enumerate() {
@@ -1657,7 +2127,12 @@ impl OptimizerState {
     /// Fresh state for `n` values.
     pub fn new(rule: Optimizer, n: usize) -> OptimizerState {
         let moments = matches!(rule, Optimizer::Adam { .. });
-        OptimizerState { rule, m: vec![0.0; if moments { n } else { 0 }], v: vec![0.0; if moments { n } else { 0 }], t: 0 }
+        OptimizerState {
+            rule,
+            m: vec![0.0; if moments { n } else { 0 }],
+            v: vec![0.0; if moments { n } else { 0 }],
+            t: 0,
+        }
     }
 
     /// One update of `values` with the gradient `grad`.
@@ -1668,7 +2143,12 @@ impl OptimizerState {
             Optimizer::Adam { lr } => {
                 let c1 = 1.0 - ADAM_BETA1.powi(self.t as i32);
                 let c2 = 1.0 - ADAM_BETA2.powi(self.t as i32);
-                for (((v, &g), m), s) in values.iter_mut().zip(grad).zip(&mut self.m).zip(&mut self.v) {
+                for (((v, &g), m), s) in values
+                    .iter_mut()
+                    .zip(grad)
+                    .zip(&mut self.m)
+                    .zip(&mut self.v)
+                {
                     *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
                     *s = ADAM_BETA2 * *s + (1.0 - ADAM_BETA2) * g * g;
                     *v -= lr * (*m / c1) / ((*s / c2).sqrt() + ADAM_EPS);
@@ -1694,7 +2174,12 @@ pub struct FirstOrderConfig {
 
 impl Default for FirstOrderConfig {
     fn default() -> FirstOrderConfig {
-        FirstOrderConfig { optimizer: Optimizer::Adam { lr: 1e-2 }, steps: 1000, seed: 0, weight_decay: 0.0 }
+        FirstOrderConfig {
+            optimizer: Optimizer::Adam { lr: 1e-2 },
+            steps: 1000,
+            seed: 0,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -1703,7 +2188,14 @@ impl Default for FirstOrderConfig {
 /// of input 0, concatenated) and `labels` (one class per sample). Returns `(step, loss)` for
 /// every step, the loss measured on the step's minibatch before its update. Steps whose loss or
 /// gradient is not finite leave the values unchanged.
-pub fn train_first_order(model: &Model<'_>, entries: &[Entry], values: &mut [f32], data: &[f32], labels: &[i64], cfg: &FirstOrderConfig) -> Result<Vec<(u32, f32)>> {
+pub fn train_first_order(
+    model: &Model<'_>,
+    entries: &[Entry],
+    values: &mut [f32],
+    data: &[f32],
+    labels: &[i64],
+    cfg: &FirstOrderConfig,
+) -> Result<Vec<(u32, f32)>> {
     Backprop::new(*model, entries)?.train(values, data, labels, cfg)
 }
 
@@ -1722,18 +2214,30 @@ pub fn identity_values(model: &Model<'_>, entries: &[Entry], seed: u64) -> Resul
         let info = model.op(e.op);
         let out = &mut v[e.range()];
         let const_input = |j: usize| -> Option<Vec<f32>> {
-            (info.n_inputs() > j && model.tensor(info.input(j)).meta.storage == Storage::Const).then(|| f32_vec(model.const_bytes(info.input(j))))
+            (info.n_inputs() > j && model.tensor(info.input(j)).meta.storage == Storage::Const)
+                .then(|| f32_vec(model.const_bytes(info.input(j))))
         };
         match e.kind {
-            EntryKind::Bias => out.copy_from_slice(&const_input(2).unwrap_or_else(|| vec![0.0; out.len()])),
-            EntryKind::NormGain => out.copy_from_slice(&const_input(1).unwrap_or_else(|| vec![1.0; out.len()])),
-            EntryKind::NormBias => out.copy_from_slice(&const_input(2).unwrap_or_else(|| vec![0.0; out.len()])),
+            EntryKind::Bias => {
+                out.copy_from_slice(&const_input(2).unwrap_or_else(|| vec![0.0; out.len()]))
+            }
+            EntryKind::NormGain => {
+                out.copy_from_slice(&const_input(1).unwrap_or_else(|| vec![1.0; out.len()]))
+            }
+            EntryKind::NormBias => {
+                out.copy_from_slice(&const_input(2).unwrap_or_else(|| vec![0.0; out.len()]))
+            }
             EntryKind::LogScale | EntryKind::LoraB => out.iter_mut().for_each(|x| *x = 0.0),
             EntryKind::Centroids => {
                 let w = decode_weight(model, info.input(1)).map_err(bad)?;
-                out.copy_from_slice(&w.q.ok_or(bad("centroids need a block-quantized weight"))?.lut);
+                out.copy_from_slice(
+                    &w.q.ok_or(bad("centroids need a block-quantized weight"))?
+                        .lut,
+                );
             }
-            EntryKind::Head => out.copy_from_slice(&decode_weight(model, info.input(1)).map_err(bad)?.base),
+            EntryKind::Head => {
+                out.copy_from_slice(&decode_weight(model, info.input(1)).map_err(bad)?.base)
+            }
             EntryKind::LoraA => {
                 let bound = 1.0 / (e.cols as f32).sqrt();
                 for x in out.iter_mut() {

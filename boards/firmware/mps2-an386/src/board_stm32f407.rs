@@ -18,7 +18,9 @@ use core::ptr::{read_volatile, write_volatile};
 
 use cortex_m_rt::{exception, ExceptionFrame};
 use edgetune_boards::{Board, Parts};
-use embedded_storage::nor_flash::{ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash};
+use embedded_storage::nor_flash::{
+    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
+};
 
 use crate::status;
 pub use crate::systick::{SysTickCounter, SysTickDelay};
@@ -85,8 +87,14 @@ impl Usart2 {
         unsafe {
             write_volatile(RCC_AHB1ENR, read_volatile(RCC_AHB1ENR) | 1); // GPIOAEN
             write_volatile(RCC_APB1ENR, read_volatile(RCC_APB1ENR) | 1 << 17); // USART2EN
-            write_volatile(GPIOA_MODER, (read_volatile(GPIOA_MODER) & !(0b11 << 4)) | 0b10 << 4); // PA2: AF
-            write_volatile(GPIOA_AFRL, (read_volatile(GPIOA_AFRL) & !(0xF << 8)) | 7 << 8); // AF7
+            write_volatile(
+                GPIOA_MODER,
+                (read_volatile(GPIOA_MODER) & !(0b11 << 4)) | 0b10 << 4,
+            ); // PA2: AF
+            write_volatile(
+                GPIOA_AFRL,
+                (read_volatile(GPIOA_AFRL) & !(0xF << 8)) | 7 << 8,
+            ); // AF7
             write_volatile(USART2_BRR, CORE_CLOCK_HZ.div_ceil(115_200));
             write_volatile(USART2_CR1, 1 << 13 | 1 << 3); // UE, TE
         }
@@ -264,6 +272,11 @@ pub fn exit(code: i32) -> ! {
 #[exception]
 unsafe fn HardFault(frame: &ExceptionFrame) -> ! {
     use core::fmt::Write;
-    let _ = writeln!(panic_log(), "\n!! HardFault at PC={:#010x}\n!! exit status {}", frame.pc(), status::HARD_FAULT);
+    let _ = writeln!(
+        panic_log(),
+        "\n!! HardFault at PC={:#010x}\n!! exit status {}",
+        frame.pc(),
+        status::HARD_FAULT
+    );
     exit(status::HARD_FAULT)
 }

@@ -117,7 +117,11 @@ pub fn test_data() -> Option<&'static [u8]> {
 /// Bytes of embedded data besides the model: test and training subsets, the initial adapter.
 pub fn embedded_data_bytes() -> usize {
     let given = |g: bool, b: &[u8]| if g { b.len() } else { 0 };
-    given(TEST_DATA_GIVEN, &TEST_DATA.0) + given(TEST_DATA_GIVEN, &TEST_LABELS.0) + given(TRAIN_GIVEN, &TRAIN_DATA.0) + given(TRAIN_GIVEN, &TRAIN_LABELS.0) + given(ADAPTER_GIVEN, &INITIAL_ADAPTER.0)
+    given(TEST_DATA_GIVEN, &TEST_DATA.0)
+        + given(TEST_DATA_GIVEN, &TEST_LABELS.0)
+        + given(TRAIN_GIVEN, &TRAIN_DATA.0)
+        + given(TRAIN_GIVEN, &TRAIN_LABELS.0)
+        + given(ADAPTER_GIVEN, &INITIAL_ADAPTER.0)
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -167,9 +171,14 @@ fn classifier_shape(model: &Model<'_>) -> Result<(usize, usize), HookError> {
     };
     let shape = model.tensor(input.tensor).meta.shape;
     if shape.dim(0) != 1 {
-        return Err(HookError::Failed("the firmware runs one sample at a time: import the model with batch 1"));
+        return Err(HookError::Failed(
+            "the firmware runs one sample at a time: import the model with batch 1",
+        ));
     }
-    Ok((shape.numel(), model.tensor(output.tensor).meta.shape.numel()))
+    Ok((
+        shape.numel(),
+        model.tensor(output.tensor).meta.shape.numel(),
+    ))
 }
 
 /// Samples of a data blob of f32 little-endian inputs and its one-byte labels.
@@ -182,9 +191,15 @@ struct Samples {
 impl Samples {
     fn new(inputs: &'static [u8], labels: &'static [u8], per: usize) -> Result<Samples, HookError> {
         if labels.is_empty() || inputs.len() != labels.len() * per * 4 {
-            return Err(HookError::Failed("embedded data: inputs are not one f32 sample per label"));
+            return Err(HookError::Failed(
+                "embedded data: inputs are not one f32 sample per label",
+            ));
         }
-        Ok(Samples { inputs, labels, per })
+        Ok(Samples {
+            inputs,
+            labels,
+            per,
+        })
     }
 
     fn len(&self) -> usize {
@@ -202,11 +217,17 @@ impl Samples {
     }
 
     /// Correct top-1 predictions over all samples.
-    fn hits(&self, session: &mut Session<'_, '_>, mut adapter: Option<&mut Adapter<'_>>) -> Result<usize, HookError> {
+    fn hits(
+        &self,
+        session: &mut Session<'_, '_>,
+        mut adapter: Option<&mut Adapter<'_>>,
+    ) -> Result<usize, HookError> {
         let mut hits = 0;
         for i in 0..self.len() {
             self.load(session, i)?;
-            session.run_with(adapter.as_deref_mut()).map_err(HookError::Run)?;
+            session
+                .run_with(adapter.as_deref_mut())
+                .map_err(HookError::Run)?;
             let out = session.output::<f32>(0).map_err(HookError::Run)?;
             let classes = out.len();
             hits += (train::error_rate(out, classes, [self.labels[i] as usize]) == 0.0) as usize;
@@ -229,7 +250,11 @@ fn percent(hits: usize, n: usize) -> (usize, usize) {
 }
 
 /// Runs the model over the embedded test subset and prints its accuracy and time per sample.
-pub fn run_inference<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut Parts<B>) -> Result<Outcome, HookError> {
+pub fn run_inference<B: Board>(
+    model: &Model<'static>,
+    arena: &mut [u8],
+    parts: &mut Parts<B>,
+) -> Result<Outcome, HookError> {
     let Some(test) = test_samples(model)? else {
         return Ok(Outcome::Skipped("no test data embedded"));
     };
@@ -238,7 +263,12 @@ pub fn run_inference<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: 
     let hits = test.hits(&mut session, None)?;
     let us = parts.counter.elapsed_micros(start);
     let (p, f) = percent(hits, test.len());
-    let _ = writeln!(parts.log, "inference: accuracy {hits}/{} ({p}.{f:02}%) on the embedded test subset, {} us per sample", test.len(), us / test.len() as u64);
+    let _ = writeln!(
+        parts.log,
+        "inference: accuracy {hits}/{} ({p}.{f:02}%) on the embedded test subset, {} us per sample",
+        test.len(),
+        us / test.len() as u64
+    );
     Ok(Outcome::Done)
 }
 
@@ -252,7 +282,11 @@ struct TrainBuffers {
     file: Aligned64<[u8; ADAPTER_FILE_BYTES]>,
 }
 
-static mut TRAIN: TrainBuffers = TrainBuffers { values: [0.0; ADAPTER_VALUES], workspace: [0.0; ADAPTER_WORKSPACE], file: Aligned64([0; ADAPTER_FILE_BYTES]) };
+static mut TRAIN: TrainBuffers = TrainBuffers {
+    values: [0.0; ADAPTER_VALUES],
+    workspace: [0.0; ADAPTER_WORKSPACE],
+    file: Aligned64([0; ADAPTER_FILE_BYTES]),
+};
 static TRAIN_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Bytes of RAM the trainer's buffers take (in `.bss`).
@@ -266,9 +300,15 @@ const MAX_LORA_ENTRIES: usize = 16;
 /// the scalar reference kernels, so the adapter comes out bit for bit as a host run's. Saves the
 /// adapter to the board's storage (A/B slots), reloads it, prints accuracy before and after, and
 /// the saved bytes as hex.
-pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut Parts<B>) -> Result<Outcome, HookError> {
+pub fn fine_tune<B: Board>(
+    model: &Model<'static>,
+    arena: &mut [u8],
+    parts: &mut Parts<B>,
+) -> Result<Outcome, HookError> {
     if !TRAIN_GIVEN || !ADAPTER_GIVEN || FT_STEPS == 0 {
-        return Ok(Outcome::Skipped("no training data, initial adapter or steps embedded"));
+        return Ok(Outcome::Skipped(
+            "no training data, initial adapter or steps embedded",
+        ));
     }
     if TRAIN_TAKEN.swap(true, Ordering::AcqRel) {
         return Err(HookError::Failed("fine-tuning buffers already taken"));
@@ -278,23 +318,47 @@ pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut
     let (per, classes) = classifier_shape(model)?;
     let train_set = Samples::new(&TRAIN_DATA.0, &TRAIN_LABELS.0, per)?;
     let test = test_samples(model)?;
-    let mut session = Session::with_kernels(model, arena, Kernels::reference()).map_err(HookError::Run)?;
+    let mut session =
+        Session::with_kernels(model, arena, Kernels::reference()).map_err(HookError::Run)?;
 
-    let mut adapter = Adapter::load(&INITIAL_ADAPTER.0, model, &mut bufs.values, &mut bufs.workspace).map_err(HookError::Adapter)?;
+    let mut adapter = Adapter::load(
+        &INITIAL_ADAPTER.0,
+        model,
+        &mut bufs.values,
+        &mut bufs.workspace,
+    )
+    .map_err(HookError::Adapter)?;
     if let Some(t) = &test {
         let hits = t.hits(&mut session, Some(&mut adapter))?;
         let (p, f) = percent(hits, t.len());
-        let _ = writeln!(parts.log, "fine-tune: start accuracy {hits}/{} ({p}.{f:02}%)", t.len());
+        let _ = writeln!(
+            parts.log,
+            "fine-tune: start accuracy {hits}/{} ({p}.{f:02}%)",
+            t.len()
+        );
     }
     let mut lora = [(0usize, 0usize); MAX_LORA_ENTRIES];
     let mut n_lora = 0;
-    for e in adapter.entries().iter().filter(|e| matches!(e.kind, EntryKind::LoraA | EntryKind::LoraB)) {
-        let slot = lora.get_mut(n_lora).ok_or(HookError::Failed("more LoRA entries than the firmware's MAX_LORA_ENTRIES"))?;
+    for e in adapter
+        .entries()
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::LoraA | EntryKind::LoraB))
+    {
+        let slot = lora.get_mut(n_lora).ok_or(HookError::Failed(
+            "more LoRA entries than the firmware's MAX_LORA_ENTRIES",
+        ))?;
         *slot = (e.range().start, e.range().end);
         n_lora += 1;
     }
     let decay = |i: usize| lora[..n_lora].iter().any(|&(a, b)| (a..b).contains(&i));
-    let cfg = ZoConfig { seed: FT_SEED, lr: FT_LR, eps: FT_EPS, weight_decay: FT_WD, clip: FT_CLIP, ..ZoConfig::default() };
+    let cfg = ZoConfig {
+        seed: FT_SEED,
+        lr: FT_LR,
+        eps: FT_EPS,
+        weight_decay: FT_WD,
+        clip: FT_CLIP,
+        ..ZoConfig::default()
+    };
     let _ = writeln!(
         parts.log,
         "fine-tune: {} values, {FT_STEPS} steps of {FT_BATCH} samples from {} (2 forward passes each), lr {FT_LR}, eps {FT_EPS}, seed {FT_SEED}",
@@ -313,9 +377,14 @@ pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut
         let rec = train::zo_step(&mut adapter, &cfg, step, &decay, |ad| {
             let mut total = 0.0f32;
             for &i in &idx {
-                let out = train_set.load(&mut session, i).and_then(|()| session.run_with(Some(ad)).map_err(HookError::Run)).and_then(|()| session.output::<f32>(0).map_err(HookError::Run));
+                let out = train_set
+                    .load(&mut session, i)
+                    .and_then(|()| session.run_with(Some(ad)).map_err(HookError::Run))
+                    .and_then(|()| session.output::<f32>(0).map_err(HookError::Run));
                 match out {
-                    Ok(out) => total += train::cross_entropy(out, classes, [train_set.labels[i] as usize]),
+                    Ok(out) => {
+                        total += train::cross_entropy(out, classes, [train_set.labels[i] as usize])
+                    }
                     Err(e) => {
                         failure = Some(e);
                         return f32::NAN;
@@ -333,7 +402,11 @@ pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut
         }
         last_loss = rec.loss;
         if (step + 1) % 100 == 0 || step + 1 == FT_STEPS {
-            let _ = writeln!(parts.log, "fine-tune: step {} loss {last_loss:.4}", step + 1);
+            let _ = writeln!(
+                parts.log,
+                "fine-tune: step {} loss {last_loss:.4}",
+                step + 1
+            );
         }
     }
     let us = parts.counter.elapsed_micros(start);
@@ -346,22 +419,35 @@ pub fn fine_tune<B: Board>(model: &Model<'static>, arena: &mut [u8], parts: &mut
     );
 
     // Save to the A/B store, then forget everything and reload from it.
-    let saved_len = adapter.save(model, &mut bufs.file.0).map_err(HookError::Adapter)?.len();
+    let saved_len = adapter
+        .save(model, &mut bufs.file.0)
+        .map_err(HookError::Adapter)?
+        .len();
     drop(adapter);
     let sector = <B::Storage as NorFlash>::ERASE_SIZE as u32;
     let slot = (parts.storage.capacity() as u32 / 2) / sector * sector;
     let mut store = FlashStore::new(&mut parts.storage, 0, slot).map_err(HookError::Store)?;
-    let saved = store.save(&bufs.file.0[..saved_len]).map_err(HookError::Store)?;
+    let saved = store
+        .save(&bufs.file.0[..saved_len])
+        .map_err(HookError::Store)?;
     bufs.file.0.fill(0);
     bufs.values.fill(0.0);
-    let loaded = store.load(&mut bufs.file.0).map_err(HookError::Store)?.ok_or(HookError::Failed("adapter store empty after a save"))?;
+    let loaded = store
+        .load(&mut bufs.file.0)
+        .map_err(HookError::Store)?
+        .ok_or(HookError::Failed("adapter store empty after a save"))?;
     let _ = writeln!(parts.log, "fine-tune: saved {saved_len} B adapter to slot {} (generation {}); reloaded {} B from slot {}", saved.slot, saved.generation, loaded.len, loaded.slot);
     let file = &bufs.file.0[..loaded.len];
-    let mut adapter = Adapter::load(file, model, &mut bufs.values, &mut bufs.workspace).map_err(HookError::Adapter)?;
+    let mut adapter = Adapter::load(file, model, &mut bufs.values, &mut bufs.workspace)
+        .map_err(HookError::Adapter)?;
     if let Some(t) = &test {
         let hits = t.hits(&mut session, Some(&mut adapter))?;
         let (p, f) = percent(hits, t.len());
-        let _ = writeln!(parts.log, "fine-tune: accuracy after {hits}/{} ({p}.{f:02}%), reloaded adapter", t.len());
+        let _ = writeln!(
+            parts.log,
+            "fine-tune: accuracy after {hits}/{} ({p}.{f:02}%), reloaded adapter",
+            t.len()
+        );
     }
     for line in file.chunks(32) {
         let _ = write!(parts.log, "adapter-hex: ");

@@ -9,7 +9,6 @@ use cortex_m_rt::exception;
 use edgetune_boards::MonotonicCounter;
 use embedded_hal::delay::DelayNs;
 
-
 const SYST_RELOAD: u32 = 0x00FF_FFFF;
 const SYST_PERIOD: u64 = SYST_RELOAD as u64 + 1;
 
@@ -85,7 +84,9 @@ pub struct SysTickDelay {
 impl SysTickDelay {
     /// The delay of a core clocked at `hz` (after [`start`]).
     pub fn new(hz: u32) -> SysTickDelay {
-        SysTickDelay { counter: SysTickCounter::new(hz) }
+        SysTickDelay {
+            counter: SysTickCounter::new(hz),
+        }
     }
 }
 
@@ -98,4 +99,3 @@ impl DelayNs for SysTickDelay {
         }
     }
 }
-

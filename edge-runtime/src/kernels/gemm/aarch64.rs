@@ -109,7 +109,14 @@ impl PanelRow for f32 {
     unsafe fn load(p: *const f32) -> [core::arch::aarch64::float32x4_t; 4] {
         use core::arch::aarch64::vld1q_f32;
         // SAFETY: as the caller guarantees.
-        unsafe { [vld1q_f32(p), vld1q_f32(p.add(4)), vld1q_f32(p.add(8)), vld1q_f32(p.add(12))] }
+        unsafe {
+            [
+                vld1q_f32(p),
+                vld1q_f32(p.add(4)),
+                vld1q_f32(p.add(8)),
+                vld1q_f32(p.add(12)),
+            ]
+        }
     }
 }
 

@@ -226,7 +226,17 @@ pub fn gemm_with_threads(ker: &GemmKernel, threads: usize, g: Gemm<'_>) {
         bias,
         act,
     } = g;
-    drive(ker.mr, ker.ukr, threads, (m, n, k), (a, a_rs, a_cs), b, (c, c_rs, c_cs), bias, act)
+    drive(
+        ker.mr,
+        ker.ukr,
+        threads,
+        (m, n, k),
+        (a, a_rs, a_cs),
+        b,
+        (c, c_rs, c_cs),
+        bias,
+        act,
+    )
 }
 
 /// [`gemm_with_threads`] with f16 panels (`PanelF16` weights): the same tiling, threading and
@@ -246,7 +256,17 @@ pub fn gemm_f16_with_threads(ker: &GemmF16Kernel, threads: usize, g: GemmF16<'_>
         bias,
         act,
     } = g;
-    drive(ker.mr, ker.ukr, threads, (m, n, k), (a, a_rs, a_cs), b, (c, c_rs, c_cs), bias, act)
+    drive(
+        ker.mr,
+        ker.ukr,
+        threads,
+        (m, n, k),
+        (a, a_rs, a_cs),
+        b,
+        (c, c_rs, c_cs),
+        bias,
+        act,
+    )
 }
 
 /// Checks the operands and runs the product (threaded when large, with `std`).

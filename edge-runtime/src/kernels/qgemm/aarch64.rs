@@ -71,8 +71,16 @@ pub fn qgemm_q8_best() -> QGemmQ8Fn {
 /// Every NEON kernel set this CPU runs (without and, when present, with `sdot`), for tests.
 pub fn variants() -> [Option<crate::kernels::Kernels>; 2] {
     let base = crate::kernels::Kernels::best();
-    let plain = crate::kernels::Kernels { qgemm_q8: qgemm_q8, qgemm_name: "aarch64-neon", ..base };
-    let dot = has_dotprod().then_some(crate::kernels::Kernels { qgemm_q8: qgemm_q8_dot, qgemm_name: "aarch64-neon-dotprod", ..base });
+    let plain = crate::kernels::Kernels {
+        qgemm_q8: qgemm_q8,
+        qgemm_name: "aarch64-neon",
+        ..base
+    };
+    let dot = has_dotprod().then_some(crate::kernels::Kernels {
+        qgemm_q8: qgemm_q8_dot,
+        qgemm_name: "aarch64-neon-dotprod",
+        ..base
+    });
     [Some(plain), dot]
 }
 
@@ -168,9 +176,22 @@ mod neon {
     }
 
     impl Out {
-        fn new(c: &mut [f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>, act: Activation) -> Out {
+        fn new(
+            c: &mut [f32],
+            c_rs: usize,
+            c_cs: usize,
+            bias: Option<&[f32]>,
+            act: Activation,
+        ) -> Out {
             let bias = bias.map_or(core::ptr::null(), |b| b.as_ptr());
-            Out { c: c.as_mut_ptr(), c_rs, c_cs, bias, act, identity: act.is_identity() }
+            Out {
+                c: c.as_mut_ptr(),
+                c_rs,
+                c_cs,
+                bias,
+                act,
+                identity: act.is_identity(),
+            }
         }
 
         /// Writes output `(i, j)`.
@@ -181,15 +202,26 @@ mod neon {
         unsafe fn put(&self, i: usize, j: usize, v: f32) {
             // SAFETY: as the caller guarantees.
             unsafe {
-                let b = if self.bias.is_null() { 0.0 } else { *self.bias.add(j) };
-                let y = if self.identity { v + b } else { math::apply(&self.act, v + b) };
+                let b = if self.bias.is_null() {
+                    0.0
+                } else {
+                    *self.bias.add(j)
+                };
+                let y = if self.identity {
+                    v + b
+                } else {
+                    math::apply(&self.act, v + b)
+                };
                 *self.c.add(i * self.c_rs + j * self.c_cs) = y;
             }
         }
     }
 
     fn check_out(m: usize, n: usize, c: &[f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>) {
-        assert!((m - 1) * c_rs + (n - 1) * c_cs < c.len(), "qgemm: C too short");
+        assert!(
+            (m - 1) * c_rs + (n - 1) * c_cs < c.len(),
+            "qgemm: C too short"
+        );
         assert!(bias.is_none_or(|b| b.len() >= n), "qgemm: bias too short");
     }
 
@@ -202,11 +234,21 @@ mod neon {
             l.n * l.row_bytes(),
             l.lut_off + l.tables * e * 2,
             if int8 { l.lut_i8_off + l.tables * e } else { 0 },
-            if int8 { l.lut_scale_off + l.tables * 4 } else { 0 },
+            if int8 {
+                l.lut_scale_off + l.tables * 4
+            } else {
+                0
+            },
             l.scales_off + l.n * l.groups_per_row() * 2,
         ];
-        assert!(ends.iter().all(|&end| end <= w.bytes.len()), "qgemm: weight bytes too short");
-        assert!(l.tables * l.rows_per_table >= l.n && l.kp.is_multiple_of(l.group), "qgemm: inconsistent layout");
+        assert!(
+            ends.iter().all(|&end| end <= w.bytes.len()),
+            "qgemm: weight bytes too short"
+        );
+        assert!(
+            l.tables * l.rows_per_table >= l.n && l.kp.is_multiple_of(l.group),
+            "qgemm: inconsistent layout"
+        );
     }
 
     /// The table of weight row `row` without a division in the common cases.
@@ -225,7 +267,9 @@ mod neon {
     #[inline(always)]
     fn f16_to_f32(bits: u16) -> f32 {
         // SAFETY: register-only NEON operations (NEON is enabled for the target).
-        unsafe { vgetq_lane_f32::<0>(crate::kernels::gemm::aarch64::widen_f16(vdupq_n_u16(bits)).0) }
+        unsafe {
+            vgetq_lane_f32::<0>(crate::kernels::gemm::aarch64::widen_f16(vdupq_n_u16(bits)).0)
+        }
     }
 
     /// Reads a little-endian f16 at byte `o` of `p`.
@@ -262,18 +306,38 @@ mod neon {
                 }
                 2 => {
                     // Element e: byte e % 8, bits 2·(e / 8).
-                    let x = vreinterpretq_u8_u64(vdupq_n_u64(core::ptr::read_unaligned(p as *const u64)));
+                    let x = vreinterpretq_u8_u64(vdupq_n_u64(core::ptr::read_unaligned(
+                        p as *const u64,
+                    )));
                     let m = vdupq_n_u8(3);
-                    let lo = vshlq_u8(x, shifts(&[0, 0, 0, 0, 0, 0, 0, 0, -2, -2, -2, -2, -2, -2, -2, -2]));
-                    let hi = vshlq_u8(x, shifts(&[-4, -4, -4, -4, -4, -4, -4, -4, -6, -6, -6, -6, -6, -6, -6, -6]));
+                    let lo = vshlq_u8(
+                        x,
+                        shifts(&[0, 0, 0, 0, 0, 0, 0, 0, -2, -2, -2, -2, -2, -2, -2, -2]),
+                    );
+                    let hi = vshlq_u8(
+                        x,
+                        shifts(&[
+                            -4, -4, -4, -4, -4, -4, -4, -4, -6, -6, -6, -6, -6, -6, -6, -6,
+                        ]),
+                    );
                     (vandq_u8(lo, m), vandq_u8(hi, m))
                 }
                 _ => {
                     // Element e: byte e % 4, bit e / 4.
-                    let x = vreinterpretq_u8_u32(vdupq_n_u32(core::ptr::read_unaligned(p as *const u32)));
+                    let x = vreinterpretq_u8_u32(vdupq_n_u32(core::ptr::read_unaligned(
+                        p as *const u32,
+                    )));
                     let m = vdupq_n_u8(1);
-                    let lo = vshlq_u8(x, shifts(&[0, 0, 0, 0, -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3]));
-                    let hi = vshlq_u8(x, shifts(&[-4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7]));
+                    let lo = vshlq_u8(
+                        x,
+                        shifts(&[0, 0, 0, 0, -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3]),
+                    );
+                    let hi = vshlq_u8(
+                        x,
+                        shifts(&[
+                            -4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7,
+                        ]),
+                    );
                     (vandq_u8(lo, m), vandq_u8(hi, m))
                 }
             }
@@ -354,7 +418,15 @@ mod neon {
                     let mut r = vqtbl4q_u8(uint8x16x4_t(t.t[0], t.t[1], t.t[2], t.t[3]), c);
                     for q in 1..(1usize << B) / 64 {
                         let idx = vsubq_u8(c, vdupq_n_u8((64 * q) as u8));
-                        let part = vqtbl4q_u8(uint8x16x4_t(t.t[4 * q], t.t[4 * q + 1], t.t[4 * q + 2], t.t[4 * q + 3]), idx);
+                        let part = vqtbl4q_u8(
+                            uint8x16x4_t(
+                                t.t[4 * q],
+                                t.t[4 * q + 1],
+                                t.t[4 * q + 2],
+                                t.t[4 * q + 3],
+                            ),
+                            idx,
+                        );
                         r = vorrq_u8(r, part);
                     }
                     r
@@ -392,7 +464,10 @@ mod neon {
 
     /// `Σ w·q` over one block (two halves), exact, in 4 lanes.
     #[inline(always)]
-    unsafe fn dot32<const DOT: bool>(w: (int8x16_t, int8x16_t), q: (int8x16_t, int8x16_t)) -> int32x4_t {
+    unsafe fn dot32<const DOT: bool>(
+        w: (int8x16_t, int8x16_t),
+        q: (int8x16_t, int8x16_t),
+    ) -> int32x4_t {
         // SAFETY: `DOT` only when the CPU has `sdot` (checked by the callers).
         unsafe {
             if DOT {
@@ -455,7 +530,13 @@ mod neon {
         let mut floor = 0;
         if l.tables == 1 && l.bits == 8 {
             let f = t0[0] as i8;
-            if (f == -128 || f == -127) && t0.iter().enumerate().skip(1).all(|(c, &v)| v as i8 as i32 == c as i32 - 128) {
+            if (f == -128 || f == -127)
+                && t0
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .all(|(c, &v)| v as i8 as i32 == c as i32 - 128)
+            {
                 (mode, floor) = (LINEAR8, f);
             }
         }
@@ -534,7 +615,13 @@ mod neon {
     /// # Safety
     /// As for [`q8_run`], with `j0 < n` and `i0 < m`.
     #[inline(always)]
-    unsafe fn q8_tile<const B: usize, const MODE: u8, const DOT: bool, const NW: usize, const MA: usize>(
+    unsafe fn q8_tile<
+        const B: usize,
+        const MODE: u8,
+        const DOT: bool,
+        const NW: usize,
+        const MA: usize,
+    >(
         cx: &Q8,
         j0: usize,
         n: usize,
@@ -547,12 +634,15 @@ mod neon {
         unsafe {
             let grouped = cx.gpr > 1;
             let row = |r: usize| (j0 + r).min(n - 1);
-            let mut tabs: [Tbl; NW] = core::array::from_fn(|_| Tbl { t: [vdupq_n_u8(0); 16] });
+            let mut tabs: [Tbl; NW] = core::array::from_fn(|_| Tbl {
+                t: [vdupq_n_u8(0); 16],
+            });
             let mut cp = [core::ptr::null::<u8>(); NW];
             let mut srow = [core::ptr::null::<u8>(); NW];
             for r in 0..NW {
                 if MODE == TABLE {
-                    tabs[r] = load_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries));
+                    tabs[r] =
+                        load_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries));
                 }
                 cp[r] = cx.codes.add(row(r) * cx.rb);
                 srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
@@ -580,7 +670,10 @@ mod neon {
                             vmaxq_s8(vreinterpretq_s8_u8(veorq_u8(hi, x)), f),
                         )
                     } else {
-                        (vreinterpretq_s8_u8(lookup::<B>(&tabs[r], lo)), vreinterpretq_s8_u8(lookup::<B>(&tabs[r], hi)))
+                        (
+                            vreinterpretq_s8_u8(lookup::<B>(&tabs[r], lo)),
+                            vreinterpretq_s8_u8(lookup::<B>(&tabs[r], hi)),
+                        )
                     };
                 }
                 for i in 0..MA {
@@ -711,7 +804,11 @@ mod neon {
     unsafe fn f16_table<const B: usize>(p: *const u8) -> F16Tbl {
         // SAFETY: the caller guarantees the 2^B entries (2^(B+1) bytes) at `p`.
         unsafe {
-            let mut t = F16Tbl { lo: vdupq_n_u8(0), hi: vdupq_n_u8(0), f32s: core::mem::MaybeUninit::uninit() };
+            let mut t = F16Tbl {
+                lo: vdupq_n_u8(0),
+                hi: vdupq_n_u8(0),
+                f32s: core::mem::MaybeUninit::uninit(),
+            };
             if B <= 4 {
                 let mut raw = [0u8; 32];
                 core::ptr::copy_nonoverlapping(p, raw.as_mut_ptr(), 2 << B);
@@ -721,7 +818,9 @@ mod neon {
             } else {
                 let out = t.f32s.as_mut_ptr() as *mut f32;
                 for q in 0..(1usize << B) / 8 {
-                    let (a, b) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(p.add(16 * q) as *const u16));
+                    let (a, b) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(
+                        p.add(16 * q) as *const u16
+                    ));
                     vst1q_f32(out.add(8 * q), a);
                     vst1q_f32(out.add(8 * q + 4), b);
                 }
@@ -740,8 +839,12 @@ mod neon {
                 let half = |c: uint8x16_t| {
                     let l = vqtbl1q_u8(t.lo, c);
                     let h = vqtbl1q_u8(t.hi, c);
-                    let (a, b) = crate::kernels::gemm::aarch64::widen_f16(vreinterpretq_u16_u8(vzip1q_u8(l, h)));
-                    let (c2, d) = crate::kernels::gemm::aarch64::widen_f16(vreinterpretq_u16_u8(vzip2q_u8(l, h)));
+                    let (a, b) = crate::kernels::gemm::aarch64::widen_f16(vreinterpretq_u16_u8(
+                        vzip1q_u8(l, h),
+                    ));
+                    let (c2, d) = crate::kernels::gemm::aarch64::widen_f16(vreinterpretq_u16_u8(
+                        vzip2q_u8(l, h),
+                    ));
                     [a, b, c2, d]
                 };
                 let (x, y) = (half(lo), half(hi));
@@ -768,7 +871,13 @@ mod neon {
     /// # Safety
     /// As for [`f32_run`], with `j0 < n` and `i0 < m`.
     #[inline(always)]
-    unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(cx: &F32, j0: usize, n: usize, i0: usize, m: usize) {
+    unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(
+        cx: &F32,
+        j0: usize,
+        n: usize,
+        i0: usize,
+        m: usize,
+    ) {
         // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the
         // codes, tables and scales, or activation row min(i0 + i, m − 1) (k values); the last,
         // partial block reads activations from a zero-padded local copy.
@@ -783,7 +892,8 @@ mod neon {
             let mut cp = [core::ptr::null::<u8>(); NW];
             let mut srow = [core::ptr::null::<u8>(); NW];
             for r in 0..NW {
-                tabs[r] = f16_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries * 2));
+                tabs[r] =
+                    f16_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries * 2));
                 cp[r] = cx.codes.add(row(r) * cx.rb);
                 srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
             }
@@ -808,7 +918,11 @@ mod neon {
                 }
                 for r in 0..NW {
                     let mut wv = f32_weights::<B>(cp[r].add(b * cx.bb), &tabs[r]);
-                    let s = if grouped { f16_at(srow[r], 2 * (b / cx.bpg)) } else { 1.0 };
+                    let s = if grouped {
+                        f16_at(srow[r], 2 * (b / cx.bpg))
+                    } else {
+                        1.0
+                    };
                     for (q, v) in wv.iter_mut().enumerate() {
                         if grouped {
                             *v = vmulq_n_f32(*v, s);
@@ -817,13 +931,23 @@ mod neon {
                             // Past k: padding codes, whatever their table value.
                             *v = vdupq_n_f32(0.0);
                         } else if 4 * q + 4 > valid {
-                            let keep = [0u32, 1, 2, 3].map(|l| if 4 * q + (l as usize) < valid { u32::MAX } else { 0 });
-                            *v = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(*v), vld1q_u32(keep.as_ptr())));
+                            let keep = [0u32, 1, 2, 3].map(|l| {
+                                if 4 * q + (l as usize) < valid {
+                                    u32::MAX
+                                } else {
+                                    0
+                                }
+                            });
+                            *v = vreinterpretq_f32_u32(vandq_u32(
+                                vreinterpretq_u32_f32(*v),
+                                vld1q_u32(keep.as_ptr()),
+                            ));
                         }
                     }
                     for i in 0..MA {
                         for (q, v) in wv.iter().enumerate() {
-                            acc[r][i][q % 2] = vfmaq_f32(acc[r][i][q % 2], *v, vld1q_f32(xp[i].add(4 * q)));
+                            acc[r][i][q % 2] =
+                                vfmaq_f32(acc[r][i][q % 2], *v, vld1q_f32(xp[i].add(4 * q)));
                         }
                     }
                 }
@@ -836,7 +960,11 @@ mod neon {
                 let f = if grouped { 1.0 } else { f16_at(srow[r], 0) };
                 for i in 0..MA {
                     if i0 + i < m {
-                        cx.out.put(i0 + i, j, vaddvq_f32(vaddq_f32(acc[r][i][0], acc[r][i][1])) * f);
+                        cx.out.put(
+                            i0 + i,
+                            j,
+                            vaddvq_f32(vaddq_f32(acc[r][i][0], acc[r][i][1])) * f,
+                        );
                     }
                 }
             }
@@ -876,8 +1004,14 @@ mod neon {
             return;
         }
         let per_row = l.per_row();
-        assert!(l.n * per_row * 2 <= l.pos_off && l.pos_off + l.n * l.pos_row_bytes <= w.bytes.len(), "sparse: weight bytes too short");
-        assert!(l.pos_bits == 2 && l.pos_row_bytes * 4 >= per_row, "sparse: inconsistent layout");
+        assert!(
+            l.n * per_row * 2 <= l.pos_off && l.pos_off + l.n * l.pos_row_bytes <= w.bytes.len(),
+            "sparse: weight bytes too short"
+        );
+        assert!(
+            l.pos_bits == 2 && l.pos_row_bytes * 4 >= per_row,
+            "sparse: inconsistent layout"
+        );
         check_out(g.m, l.n, g.c, g.c_rs, g.c_cs, g.bias);
         assert!((g.m - 1) * g.a_rs + l.k <= g.a.len(), "sparse: A too short");
         let out = Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act);
@@ -887,7 +1021,8 @@ mod neon {
             let x = &g.a[i * g.a_rs..i * g.a_rs + l.k];
             for j in 0..l.n {
                 let vals = &w.bytes[j * per_row * 2..(j + 1) * per_row * 2];
-                let pos = &w.bytes[l.pos_off + j * l.pos_row_bytes..l.pos_off + (j + 1) * l.pos_row_bytes];
+                let pos = &w.bytes
+                    [l.pos_off + j * l.pos_row_bytes..l.pos_off + (j + 1) * l.pos_row_bytes];
                 // SAFETY: quad q reads values 4q..4q+4 (8 bytes), position byte q and inputs
                 // 8q..8q+8, all inside the slices above (per_row = k / 2, k a multiple of 4).
                 let mut v = unsafe {
@@ -896,7 +1031,10 @@ mod neon {
                         let xs = vld1q_u8_x2(x.as_ptr().add(8 * q) as *const u8);
                         let idx = vld1q_u8(GATHER24[pos[q] as usize].as_ptr());
                         let gx = vreinterpretq_f32_u8(vqtbl2q_u8(xs, idx));
-                        let h = vcombine_u16(vld1_u16(vals.as_ptr().add(8 * q) as *const u16), vdup_n_u16(0));
+                        let h = vcombine_u16(
+                            vld1_u16(vals.as_ptr().add(8 * q) as *const u16),
+                            vdup_n_u16(0),
+                        );
                         let (wv, _) = crate::kernels::gemm::aarch64::widen_f16(h);
                         acc[q % 2] = vfmaq_f32(acc[q % 2], wv, gx);
                     }
@@ -933,7 +1071,10 @@ mod neon_quantize {
     pub(super) fn quantize(x: &[f32], out: &mut [u8]) {
         let k = x.len();
         let nb = k.div_ceil(BLOCK);
-        assert!(out.len() >= nb * BLOCK + nb * 4, "quantize_q8: output too short");
+        assert!(
+            out.len() >= nb * BLOCK + nb * 4,
+            "quantize_q8: output too short"
+        );
         let (codes, scales) = out.split_at_mut(nb * BLOCK);
         let mut pad = [0f32; BLOCK];
         for j in 0..nb {
@@ -964,7 +1105,10 @@ mod neon_quantize {
                 });
                 for h in 0..4 {
                     let s16 = vcombine_s16(vmovn_s32(q[2 * h]), vmovn_s32(q[2 * h + 1]));
-                    vst1_s8(codes.as_mut_ptr().add(j * BLOCK + 8 * h) as *mut i8, vmovn_s16(s16));
+                    vst1_s8(
+                        codes.as_mut_ptr().add(j * BLOCK + 8 * h) as *mut i8,
+                        vmovn_s16(s16),
+                    );
                 }
                 d
             };

@@ -26,7 +26,12 @@ const ROWS: usize = 16;
 
 /// [`qgemm_f32`] with an adapter's replacement tables (`[tables, 2^bits]`) and log-multipliers
 /// of the group scales (`[N, groups]`): the one reference both paths share.
-pub fn qgemm_f32_with(w: &QWeights<'_>, centroids: Option<&[f32]>, log_scales: Option<&[f32]>, g: QGemm<'_>) {
+pub fn qgemm_f32_with(
+    w: &QWeights<'_>,
+    centroids: Option<&[f32]>,
+    log_scales: Option<&[f32]>,
+    g: QGemm<'_>,
+) {
     let l = w.layout;
     let gpr = l.groups_per_row();
     let mut lut = [0f32; 256];
@@ -56,7 +61,8 @@ pub fn qgemm_f32_with(w: &QWeights<'_>, centroids: Option<&[f32]>, log_scales: O
                         *d = lut[block_code(block, l.bits, e) as usize];
                     }
                     for (r, a) in acc_g.iter_mut().enumerate().take(rows) {
-                        let x = &g.a[(i0 + r) * g.a_rs + b * BLOCK..(i0 + r) * g.a_rs + b * BLOCK + valid];
+                        let x = &g.a
+                            [(i0 + r) * g.a_rs + b * BLOCK..(i0 + r) * g.a_rs + b * BLOCK + valid];
                         for (xv, d) in x.iter().zip(&dec) {
                             *a += xv * d;
                         }
@@ -123,7 +129,8 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
         let x = &g.a[i * g.a_rs..i * g.a_rs + l.k];
         for n in 0..l.n {
             let vals = &w.bytes[n * per_row * 2..(n + 1) * per_row * 2];
-            let pos = &w.bytes[l.pos_off + n * l.pos_row_bytes..l.pos_off + (n + 1) * l.pos_row_bytes];
+            let pos =
+                &w.bytes[l.pos_off + n * l.pos_row_bytes..l.pos_off + (n + 1) * l.pos_row_bytes];
             let mut acc = 0.0f32;
             for v in 0..per_row {
                 let col = v / l.keep * l.m + l.position(pos, v);

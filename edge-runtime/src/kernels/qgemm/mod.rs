@@ -14,9 +14,9 @@
 use edgetune_core::layout::{QBlockLayout, SparseLayout, BLOCK};
 use edgetune_core::Activation;
 
-pub mod generic;
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
+pub mod generic;
 #[cfg(feature = "std")]
 mod par;
 #[cfg(target_arch = "x86_64")]
@@ -53,7 +53,12 @@ impl QWeights<'_> {
     /// Scale of the int8 table `t`.
     pub fn lut_scale(&self, t: usize) -> f32 {
         let o = self.layout.lut_scale_off + t * 4;
-        f32::from_le_bytes([self.bytes[o], self.bytes[o + 1], self.bytes[o + 2], self.bytes[o + 3]])
+        f32::from_le_bytes([
+            self.bytes[o],
+            self.bytes[o + 1],
+            self.bytes[o + 2],
+            self.bytes[o + 3],
+        ])
     }
 
     /// Group scale of row `n`, group `g`, as f16 bits.
@@ -75,7 +80,11 @@ pub fn decode_row(w: &QWeights<'_>, n: usize, out: &mut [f32]) {
     }
     for (kk, o) in out.iter_mut().enumerate().take(l.k) {
         let (b, e) = (kk / BLOCK, kk % BLOCK);
-        let code = edgetune_core::layout::block_code(&row[b * l.block_bytes()..(b + 1) * l.block_bytes()], l.bits, e);
+        let code = edgetune_core::layout::block_code(
+            &row[b * l.block_bytes()..(b + 1) * l.block_bytes()],
+            l.bits,
+            e,
+        );
         *o = lut[code as usize] * half::f16::from_bits(w.scale_f16(n, kk / l.group)).to_f32();
     }
 }
@@ -140,7 +149,10 @@ fn check(g: &QGemm<'_>, n: usize, k: usize) {
         return;
     }
     assert!((g.m - 1) * g.a_rs + k <= g.a.len(), "qgemm: A too short");
-    assert!((g.m - 1) * g.c_rs + (n - 1) * g.c_cs < g.c.len(), "qgemm: C too short");
+    assert!(
+        (g.m - 1) * g.c_rs + (n - 1) * g.c_cs < g.c.len(),
+        "qgemm: C too short"
+    );
     assert!(g.bias.is_none_or(|b| b.len() >= n), "qgemm: bias too short");
 }
 
@@ -148,8 +160,14 @@ fn check(g: &QGemm<'_>, n: usize, k: usize) {
 pub fn qgemm_f32(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'_>) {
     check(&g, w.layout.n, w.layout.k);
     #[cfg(feature = "std")]
-    let Some(g) = par::qgemm_f32(kernels, (w.layout.n, w.layout.k, w.layout.rows_per_table), w, par::q_view, |w, g| (kernels.qgemm_f32)(w, g), g)
-    else {
+    let Some(g) = par::qgemm_f32(
+        kernels,
+        (w.layout.n, w.layout.k, w.layout.rows_per_table),
+        w,
+        par::q_view,
+        |w, g| (kernels.qgemm_f32)(w, g),
+        g,
+    ) else {
         return;
     };
     (kernels.qgemm_f32)(w, g)
@@ -157,9 +175,23 @@ pub fn qgemm_f32(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'
 
 /// `C = act(A · Wᵀ + bias)` for a block-quantized `W` with int8 activations; `scratch` holds
 /// `min(m, Q8_CHUNK_ROWS)` quantized rows.
-pub fn qgemm_q8(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'_>, scratch: &mut [u8]) {
+pub fn qgemm_q8(
+    kernels: &crate::kernels::Kernels,
+    w: &QWeights<'_>,
+    g: QGemm<'_>,
+    scratch: &mut [u8],
+) {
     check(&g, w.layout.n, w.layout.k);
-    let QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act } = g;
+    let QGemm {
+        m,
+        a,
+        a_rs,
+        c,
+        c_rs,
+        c_cs,
+        bias,
+        act,
+    } = g;
     let k = w.layout.k;
     let rb = q8_row_bytes(k);
     let chunk = (scratch.len() / rb).min(m).max(1);
@@ -172,11 +204,30 @@ pub fn qgemm_q8(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'_
             (kernels.quantize_q8)(x, &mut scratch[r * rb..(r + 1) * rb]);
         }
         #[cfg(feature = "std")]
-        let threaded = par::qgemm_q8(kernels, w, &scratch[..rows * rb], rows, &mut c[i0 * c_rs..], c_rs, c_cs, bias, act);
+        let threaded = par::qgemm_q8(
+            kernels,
+            w,
+            &scratch[..rows * rb],
+            rows,
+            &mut c[i0 * c_rs..],
+            c_rs,
+            c_cs,
+            bias,
+            act,
+        );
         #[cfg(not(feature = "std"))]
         let threaded = false;
         if !threaded {
-            (kernels.qgemm_q8)(w, &scratch[..rows * rb], rows, &mut c[i0 * c_rs..], c_rs, c_cs, bias, act);
+            (kernels.qgemm_q8)(
+                w,
+                &scratch[..rows * rb],
+                rows,
+                &mut c[i0 * c_rs..],
+                c_rs,
+                c_cs,
+                bias,
+                act,
+            );
         }
         i0 += rows;
     }
@@ -186,8 +237,14 @@ pub fn qgemm_q8(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'_
 pub fn sparse_gemm(kernels: &crate::kernels::Kernels, w: &SparseWeights<'_>, g: QGemm<'_>) {
     check(&g, w.layout.n, w.layout.k);
     #[cfg(feature = "std")]
-    let Some(g) = par::qgemm_f32(kernels, (w.layout.n, w.layout.k, 1), w, par::sparse_view, |w, g| (kernels.sparse_gemm)(w, g), g)
-    else {
+    let Some(g) = par::qgemm_f32(
+        kernels,
+        (w.layout.n, w.layout.k, 1),
+        w,
+        par::sparse_view,
+        |w, g| (kernels.sparse_gemm)(w, g),
+        g,
+    ) else {
         return;
     };
     (kernels.sparse_gemm)(w, g)
@@ -197,6 +254,7 @@ pub fn sparse_gemm(kernels: &crate::kernels::Kernels, w: &SparseWeights<'_>, g: 
 pub type QGemmF32Fn = fn(&QWeights<'_>, QGemm<'_>);
 /// Signature of an int8-activation block-quantized kernel: weights, quantized rows, row count,
 /// `C` (from the first row), its strides, bias, activation.
-pub type QGemmQ8Fn = fn(&QWeights<'_>, &[u8], usize, &mut [f32], usize, usize, Option<&[f32]>, Activation);
+pub type QGemmQ8Fn =
+    fn(&QWeights<'_>, &[u8], usize, &mut [f32], usize, usize, Option<&[f32]>, Activation);
 /// Signature of a sparse kernel.
 pub type SparseGemmFn = fn(&SparseWeights<'_>, QGemm<'_>);

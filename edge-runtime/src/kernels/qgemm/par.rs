@@ -36,7 +36,15 @@ enum Split {
 /// Chooses a split, or `None` to stay on this thread. `rpt` is the weight's rows per table
 /// (1 for weights without tables).
 #[allow(clippy::too_many_arguments)]
-fn plan(threads: usize, m: usize, n: usize, k: usize, c_rs: usize, c_cs: usize, rpt: usize) -> Option<Split> {
+fn plan(
+    threads: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    c_rs: usize,
+    c_cs: usize,
+    rpt: usize,
+) -> Option<Split> {
     if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
         return None;
     }
@@ -49,7 +57,11 @@ fn plan(threads: usize, m: usize, n: usize, k: usize, c_rs: usize, c_cs: usize, 
         let mut bounds = vec![0];
         let mut j = 0;
         for t in 1..=tasks {
-            let target = if t == tasks { n } else { col_units * t / tasks * COL_UNIT };
+            let target = if t == tasks {
+                n
+            } else {
+                col_units * t / tasks * COL_UNIT
+            };
             while j < target {
                 j = next_cut(j, target, n, rpt);
                 bounds.push(j);
@@ -59,7 +71,9 @@ fn plan(threads: usize, m: usize, n: usize, k: usize, c_rs: usize, c_cs: usize, 
     }
     if rows_outer && row_units >= 2 {
         let tasks = row_units.min(threads * 4);
-        let mut bounds: Vec<usize> = (0..tasks).map(|t| row_units * t / tasks * ROW_UNIT).collect();
+        let mut bounds: Vec<usize> = (0..tasks)
+            .map(|t| row_units * t / tasks * ROW_UNIT)
+            .collect();
         bounds.push(m);
         return Some(Split::Rows(bounds));
     }
@@ -81,7 +95,12 @@ fn next_cut(j: usize, target: usize, n: usize, rpt: usize) -> usize {
 
 /// Runs `f(lo, hi, c_piece)` for every piece in parallel, where `c_piece` starts at element
 /// `lo · stride` of `c`: the pieces of `C` are disjoint because `stride` spans each piece.
-fn for_each_piece(bounds: &[usize], stride: usize, c: &mut [f32], f: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) {
+fn for_each_piece(
+    bounds: &[usize],
+    stride: usize,
+    c: &mut [f32],
+    f: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
     if bounds.len() == 2 {
         return f(bounds[0], bounds[1], c);
     }
@@ -101,13 +120,20 @@ impl<'a> QWeights<'a> {
         let rpt = l.rows_per_table;
         let t0 = j0 / rpt;
         let one_table = (j1 - 1) / rpt == t0;
-        assert!(one_table || j0.is_multiple_of(rpt), "qgemm: a row view must not split a table");
+        assert!(
+            one_table || j0.is_multiple_of(rpt),
+            "qgemm: a row view must not split a table"
+        );
         let base = j0 * l.row_bytes();
         let e = l.entries();
         let layout = edgetune_core::layout::QBlockLayout {
             n: j1 - j0,
             rows_per_table: if one_table { j1 - j0 } else { rpt },
-            tables: if one_table { 1 } else { (j1 - j0).div_ceil(rpt) },
+            tables: if one_table {
+                1
+            } else {
+                (j1 - j0).div_ceil(rpt)
+            },
             lut_off: l.lut_off + t0 * e * 2 - base,
             lut_i8_off: l.lut_i8_off + t0 * e - base,
             lut_scale_off: l.lut_scale_off + t0 * 4 - base,
@@ -115,7 +141,10 @@ impl<'a> QWeights<'a> {
             len: l.len - base,
             ..l
         };
-        QWeights { layout, bytes: &self.bytes[base..] }
+        QWeights {
+            layout,
+            bytes: &self.bytes[base..],
+        }
     }
 }
 
@@ -130,7 +159,10 @@ impl<'a> SparseWeights<'a> {
             len: l.len - base,
             ..l
         };
-        SparseWeights { layout, bytes: &self.bytes[base..] }
+        SparseWeights {
+            layout,
+            bytes: &self.bytes[base..],
+        }
     }
 }
 
@@ -144,20 +176,62 @@ pub(super) fn qgemm_f32<'g, W: Sync>(
     kernel: impl Fn(&W, QGemm<'_>) + Sync,
     g: QGemm<'g>,
 ) -> Option<QGemm<'g>> {
-    let QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act } = g;
+    let QGemm {
+        m,
+        a,
+        a_rs,
+        c,
+        c_rs,
+        c_cs,
+        bias,
+        act,
+    } = g;
     match plan(kernels.threads, m, n, k, c_rs, c_cs, rpt) {
-        None => Some(QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act }),
+        None => Some(QGemm {
+            m,
+            a,
+            a_rs,
+            c,
+            c_rs,
+            c_cs,
+            bias,
+            act,
+        }),
         Some(Split::Cols(bounds)) => {
             for_each_piece(&bounds, c_cs, c, &|j0, j1, c| {
                 let bias = bias.map(|b| &b[j0..]);
-                kernel(&view(w, j0, j1), QGemm { m, a, a_rs, c, c_rs, c_cs, bias, act });
+                kernel(
+                    &view(w, j0, j1),
+                    QGemm {
+                        m,
+                        a,
+                        a_rs,
+                        c,
+                        c_rs,
+                        c_cs,
+                        bias,
+                        act,
+                    },
+                );
             });
             None
         }
         Some(Split::Rows(bounds)) => {
             for_each_piece(&bounds, c_rs, c, &|i0, i1, c| {
                 let a = &a[i0 * a_rs..];
-                kernel(w, QGemm { m: i1 - i0, a, a_rs, c, c_rs, c_cs, bias, act });
+                kernel(
+                    w,
+                    QGemm {
+                        m: i1 - i0,
+                        a,
+                        a_rs,
+                        c,
+                        c_rs,
+                        c_cs,
+                        bias,
+                        act,
+                    },
+                );
             });
             None
         }
@@ -191,7 +265,16 @@ pub(super) fn qgemm_q8(
         }
         Some(Split::Rows(bounds)) => {
             for_each_piece(&bounds, c_rs, c, &|i0, i1, c| {
-                (kernels.qgemm_q8)(w, &rows[i0 * rb..i1 * rb], i1 - i0, c, c_rs, c_cs, bias, act);
+                (kernels.qgemm_q8)(
+                    w,
+                    &rows[i0 * rb..i1 * rb],
+                    i1 - i0,
+                    c,
+                    c_rs,
+                    c_cs,
+                    bias,
+                    act,
+                );
             });
             true
         }

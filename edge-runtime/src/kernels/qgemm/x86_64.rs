@@ -83,7 +83,14 @@ struct Out {
 impl Out {
     fn new(c: &mut [f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>, act: Activation) -> Out {
         let bias = bias.map_or(core::ptr::null(), |b| b.as_ptr());
-        Out { c: c.as_mut_ptr(), c_rs, c_cs, bias, act, identity: act.is_identity() }
+        Out {
+            c: c.as_mut_ptr(),
+            c_rs,
+            c_cs,
+            bias,
+            act,
+            identity: act.is_identity(),
+        }
     }
 
     /// Writes output `(i, j)`.
@@ -94,8 +101,16 @@ impl Out {
     unsafe fn put(&self, i: usize, j: usize, v: f32) {
         // SAFETY: as the caller guarantees.
         unsafe {
-            let b = if self.bias.is_null() { 0.0 } else { *self.bias.add(j) };
-            let y = if self.identity { v + b } else { math::apply(&self.act, v + b) };
+            let b = if self.bias.is_null() {
+                0.0
+            } else {
+                *self.bias.add(j)
+            };
+            let y = if self.identity {
+                v + b
+            } else {
+                math::apply(&self.act, v + b)
+            };
             *self.c.add(i * self.c_rs + j * self.c_cs) = y;
         }
     }
@@ -111,7 +126,11 @@ impl Out {
         // SAFETY: as the caller guarantees; the vector paths touch only columns j0..j0+4 < n.
         unsafe {
             if j0 + 4 <= n && self.c_cs == 1 && self.identity {
-                let b = if self.bias.is_null() { _mm_setzero_ps() } else { _mm_loadu_ps(self.bias.add(j0)) };
+                let b = if self.bias.is_null() {
+                    _mm_setzero_ps()
+                } else {
+                    _mm_loadu_ps(self.bias.add(j0))
+                };
                 _mm_storeu_ps(self.c.add(i * self.c_rs + j0), _mm_add_ps(v, b));
             } else {
                 let mut out = [0f32; 4];
@@ -126,7 +145,10 @@ impl Out {
 
 /// Asserts that `C` and the bias hold an `m × n` product (the raw-pointer kernels rely on it).
 fn check_out(m: usize, n: usize, c: &[f32], c_rs: usize, c_cs: usize, bias: Option<&[f32]>) {
-    assert!((m - 1) * c_rs + (n - 1) * c_cs < c.len(), "qgemm: C too short");
+    assert!(
+        (m - 1) * c_rs + (n - 1) * c_cs < c.len(),
+        "qgemm: C too short"
+    );
     assert!(bias.is_none_or(|b| b.len() >= n), "qgemm: bias too short");
 }
 
@@ -193,7 +215,10 @@ unsafe fn i8_range(bytes: &[u8]) -> (i8, i8) {
         _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, lo);
         _mm256_storeu_si256(h.as_mut_ptr() as *mut __m256i, hi);
     }
-    let (mut lo, mut hi) = (l.iter().fold(0i8, |a, &b| a.min(b)), h.iter().fold(0i8, |a, &b| a.max(b)));
+    let (mut lo, mut hi) = (
+        l.iter().fold(0i8, |a, &b| a.min(b)),
+        h.iter().fold(0i8, |a, &b| a.max(b)),
+    );
     for &v in chunks.remainder() {
         lo = lo.min(v as i8);
         hi = hi.max(v as i8);
@@ -223,11 +248,21 @@ fn check_q(w: &QWeights<'_>, int8: bool) {
         l.n * l.row_bytes(),
         l.lut_off + l.tables * e * 2,
         if int8 { l.lut_i8_off + l.tables * e } else { 0 },
-        if int8 { l.lut_scale_off + l.tables * 4 } else { 0 },
+        if int8 {
+            l.lut_scale_off + l.tables * 4
+        } else {
+            0
+        },
         l.scales_off + l.n * l.groups_per_row() * 2,
     ];
-    assert!(ends.iter().all(|&end| end <= w.bytes.len()), "qgemm: weight bytes too short");
-    assert!(l.tables * l.rows_per_table >= l.n && l.kp.is_multiple_of(l.group), "qgemm: inconsistent layout");
+    assert!(
+        ends.iter().all(|&end| end <= w.bytes.len()),
+        "qgemm: weight bytes too short"
+    );
+    assert!(
+        l.tables * l.rows_per_table >= l.n && l.kp.is_multiple_of(l.group),
+        "qgemm: inconsistent layout"
+    );
 }
 
 /// Blocks per superblock for `bits`-bit codes (see the module documentation).
@@ -260,7 +295,10 @@ unsafe fn per_lane<const B: usize>(p: *const f32) -> __m256 {
     // SAFETY: the caller guarantees `sb_blocks(B)` readable f32 at `p`.
     unsafe {
         match sb_blocks(B) {
-            4 => _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), lane_blocks::<B>()),
+            4 => _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_loadu_ps(p)),
+                lane_blocks::<B>(),
+            ),
             2 => {
                 let v = _mm_castpd_ps(_mm_load_sd(p as *const f64));
                 _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), lane_blocks::<B>())
@@ -281,7 +319,11 @@ unsafe fn natural_codes<const B: usize>(p: *const u8) -> __m256i {
         let mut at = 0;
         let mut shift = 0i64;
         let mut add = |v: __m256i, shift: i64| {
-            let v = if shift == 0 { v } else { _mm256_sll_epi16(v, _mm_cvtsi64_si128(shift)) };
+            let v = if shift == 0 {
+                v
+            } else {
+                _mm256_sll_epi16(v, _mm_cvtsi64_si128(shift))
+            };
             code = _mm256_or_si256(code, v);
         };
         if B & 8 != 0 {
@@ -291,19 +333,37 @@ unsafe fn natural_codes<const B: usize>(p: *const u8) -> __m256i {
         }
         if B & 4 != 0 {
             let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(at) as *const __m128i));
-            add(_mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F)), shift);
+            add(
+                _mm256_and_si256(
+                    _mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 0, 4, 4)),
+                    _mm256_set1_epi8(0x0F),
+                ),
+                shift,
+            );
             at += 16;
             shift += 4;
         }
         if B & 2 != 0 {
             let x = _mm256_set1_epi64x(core::ptr::read_unaligned(p.add(at) as *const i64));
-            add(_mm256_and_si256(_mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3)), shift);
+            add(
+                _mm256_and_si256(
+                    _mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 2, 4, 6)),
+                    _mm256_set1_epi8(3),
+                ),
+                shift,
+            );
             at += 8;
             shift += 2;
         }
         if B & 1 != 0 {
             let x = _mm256_set1_epi32(core::ptr::read_unaligned(p.add(at) as *const i32));
-            add(_mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), _mm256_set1_epi8(1)), shift);
+            add(
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                    _mm256_set1_epi8(1),
+                ),
+                shift,
+            );
         }
         code
     }
@@ -320,7 +380,12 @@ unsafe fn superblock_codes<const B: usize>(p: *const u8) -> [__m256i; 4] {
             4 => {
                 let x = _mm256_loadu_si256(p as *const __m256i);
                 let m = _mm256_set1_epi8(0x0F);
-                [_mm256_and_si256(x, m), _mm256_and_si256(_mm256_srli_epi16::<4>(x), m), z, z]
+                [
+                    _mm256_and_si256(x, m),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), m),
+                    z,
+                    z,
+                ]
             }
             2 => {
                 let x = _mm256_loadu_si256(p as *const __m256i);
@@ -335,7 +400,15 @@ unsafe fn superblock_codes<const B: usize>(p: *const u8) -> [__m256i; 4] {
             1 => {
                 let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
                 let m = _mm256_set1_epi8(1);
-                let sh = |s: i32| _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(s, s, s, s, s + 4, s + 4, s + 4, s + 4)), m);
+                let sh = |s: i32| {
+                    _mm256_and_si256(
+                        _mm256_srlv_epi32(
+                            x,
+                            _mm256_setr_epi32(s, s, s, s, s + 4, s + 4, s + 4, s + 4),
+                        ),
+                        m,
+                    )
+                };
                 [sh(0), sh(1), sh(2), sh(3)]
             }
             _ => [natural_codes::<B>(p), z, z, z],
@@ -354,7 +427,12 @@ unsafe fn superblock_acts<const B: usize>(q: *const u8) -> [__m256i; 4] {
         match B {
             4 => {
                 let (a0, a1) = (ld(0), ld(1));
-                [_mm256_permute2x128_si256::<0x20>(a0, a1), _mm256_permute2x128_si256::<0x31>(a0, a1), z, z]
+                [
+                    _mm256_permute2x128_si256::<0x20>(a0, a1),
+                    _mm256_permute2x128_si256::<0x31>(a0, a1),
+                    z,
+                    z,
+                ]
             }
             2 => {
                 // 4×4 transpose of 8-byte pieces: t_s holds piece s of each block.
@@ -464,7 +542,11 @@ pub fn qgemm_q8(
     let (mut mode, mut alpha, mut beta, mut floor) = (TABLE, 0i16, 0i16, 0i8);
     if l.tables == 1 && l.bits <= 7 {
         let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
-        if t0.iter().enumerate().all(|(c, &v)| v as i8 as i32 == a * c as i32 + b) {
+        if t0
+            .iter()
+            .enumerate()
+            .all(|(c, &v)| v as i8 as i32 == a * c as i32 + b)
+        {
             (mode, alpha, beta) = (AFFINE, a as i16, b as i16);
         }
     }
@@ -476,7 +558,13 @@ pub fn qgemm_q8(
     }
     if l.tables == 1 && l.bits == 8 {
         let f = t0[0] as i8;
-        if (f == -128 || f == -127) && t0.iter().enumerate().skip(1).all(|(c, &v)| v as i8 as i32 == c as i32 - 128) {
+        if (f == -128 || f == -127)
+            && t0
+                .iter()
+                .enumerate()
+                .skip(1)
+                .all(|(c, &v)| v as i8 as i32 == c as i32 - 128)
+        {
             (mode, floor) = (LINEAR8, f);
         }
     }
@@ -526,7 +614,9 @@ pub fn qgemm_q8(
     unsafe {
         match l.bits {
             1 => go!(1),
-            2 if mode == AFFINE3 && !abs_w && sum16 => q8_run::<2, AFFINE3, false, true>(&cx, m, l.n),
+            2 if mode == AFFINE3 && !abs_w && sum16 => {
+                q8_run::<2, AFFINE3, false, true>(&cx, m, l.n)
+            }
             2 => go!(2),
             3 => go!(3),
             4 => go!(4),
@@ -545,7 +635,11 @@ pub fn qgemm_q8(
 /// # Safety
 /// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(cx: &Q8, m: usize, n: usize) {
+unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(
+    cx: &Q8,
+    m: usize,
+    n: usize,
+) {
     // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped).
     unsafe {
         if cx.gpr > 1 {
@@ -561,7 +655,17 @@ unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16:
 /// # Safety
 /// As for [`q8_run`].
 #[inline(always)]
-unsafe fn q8_tiles<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool>(cx: &Q8, m: usize, n: usize) {
+unsafe fn q8_tiles<
+    const B: usize,
+    const MODE: u8,
+    const ABS_W: bool,
+    const SUM16: bool,
+    const G: bool,
+>(
+    cx: &Q8,
+    m: usize,
+    n: usize,
+) {
     // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped); the
     // prepared activations cover the tile's rows and every superblock.
     unsafe {
@@ -569,14 +673,16 @@ unsafe fn q8_tiles<const B: usize, const MODE: u8, const ABS_W: bool, const SUM1
         let mut buf = [const { core::mem::MaybeUninit::<Acts>::uninit() }; ACTS_CAP];
         if m < 4 {
             for i in 0..m {
-                let pre = (nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 1, m, &mut buf));
+                let pre =
+                    (nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 1, m, &mut buf));
                 for j in (0..n).step_by(4) {
                     q8_tile::<B, MODE, ABS_W, SUM16, G, 4, 1>(cx, j, n, i, m, pre);
                 }
             }
         } else {
             for i in (0..m).step_by(4) {
-                let pre = (4 * nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 4, m, &mut buf));
+                let pre = (4 * nsb <= ACTS_CAP)
+                    .then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 4, m, &mut buf));
                 for j in (0..n).step_by(2) {
                     q8_tile::<B, MODE, ABS_W, SUM16, G, 2, 4>(cx, j, n, i, m, pre);
                 }
@@ -654,14 +760,21 @@ unsafe fn lookup_i8<const B: usize>(c: __m256i, tp: *const u8) -> __m256i {
 
 /// Int8 weights of one superblock of codes.
 #[inline(always)]
-unsafe fn q8_weights<const B: usize, const MODE: u8>(cx: &Q8, cp: *const u8, tp: *const u8) -> [__m256i; 4] {
+unsafe fn q8_weights<const B: usize, const MODE: u8>(
+    cx: &Q8,
+    cp: *const u8,
+    tp: *const u8,
+) -> [__m256i; 4] {
     // SAFETY: the caller guarantees the superblock's codes at `cp` and the table at `tp`.
     unsafe {
         let mut c = superblock_codes::<B>(cp);
         for v in c.iter_mut().take(sb_blocks(B)) {
             *v = match MODE {
                 AFFINE | AFFINE3 => *v,
-                LINEAR8 => _mm256_max_epi8(_mm256_xor_si256(*v, _mm256_set1_epi8(-128)), _mm256_set1_epi8(cx.floor)),
+                LINEAR8 => _mm256_max_epi8(
+                    _mm256_xor_si256(*v, _mm256_set1_epi8(-128)),
+                    _mm256_set1_epi8(cx.floor),
+                ),
                 _ => lookup_i8::<B>(*v, tp),
             };
         }
@@ -682,12 +795,21 @@ struct Acts {
 }
 
 #[inline(always)]
-unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(cx: &Q8, ap: *const u8, dp: *const f32) -> Acts {
+unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
+    cx: &Q8,
+    ap: *const u8,
+    dp: *const f32,
+) -> Acts {
     // SAFETY: the caller guarantees the superblock's activations at `ap` and scales at `dp`.
     unsafe {
         let s = sb_blocks(B);
         let t = superblock_acts::<B>(ap);
-        let mut a = Acts { t, aq: t, bsq: _mm256_setzero_si256(), dv: per_lane::<B>(dp) };
+        let mut a = Acts {
+            t,
+            aq: t,
+            bsq: _mm256_setzero_si256(),
+            dv: per_lane::<B>(dp),
+        };
         if MODE == AFFINE || MODE == AFFINE3 {
             let ones8 = _mm256_set1_epi8(1);
             let mut p = _mm256_maddubs_epi16(ones8, t[0]);
@@ -708,14 +830,20 @@ unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(cx: &Q8, ap
 
 /// `Σ w·q` per lane of one superblock (i32, exact).
 #[inline(always)]
-unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(cx: &Q8, w: &[__m256i; 4], a: &Acts) -> __m256i {
+unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(
+    cx: &Q8,
+    w: &[__m256i; 4],
+    a: &Acts,
+) -> __m256i {
     // SAFETY: register-only AVX2 operations.
     unsafe {
         let s = sb_blocks(B);
         let prod = |k: usize| -> __m256i {
             match MODE {
                 AFFINE | AFFINE3 => _mm256_maddubs_epi16(w[k], a.t[k]),
-                _ if ABS_W => _mm256_maddubs_epi16(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(a.t[k], w[k])),
+                _ if ABS_W => {
+                    _mm256_maddubs_epi16(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(a.t[k], w[k]))
+                }
                 _ => _mm256_maddubs_epi16(a.aq[k], _mm256_sign_epi8(w[k], a.t[k])),
             }
         };
@@ -744,7 +872,15 @@ unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16:
 /// One superblock of a tile: `acc[r][i] += Σ w·q · d · scale` per lane.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_step<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool, const NW: usize, const MA: usize>(
+unsafe fn q8_step<
+    const B: usize,
+    const MODE: u8,
+    const ABS_W: bool,
+    const SUM16: bool,
+    const G: bool,
+    const NW: usize,
+    const MA: usize,
+>(
     cx: &Q8,
     cp: &[*const u8; NW],
     tp: &[*const u8; NW],
@@ -809,7 +945,13 @@ unsafe fn q8_step<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
 /// starting at block `b0`: one value when the superblock lies in one group (`whole`), else one
 /// per block, spread over its lanes.
 #[inline(always)]
-unsafe fn q8_scales<const B: usize>(cx: &Q8, srow: *const u8, sf: Option<*const f32>, b0: usize, whole: bool) -> __m256 {
+unsafe fn q8_scales<const B: usize>(
+    cx: &Q8,
+    srow: *const u8,
+    sf: Option<*const f32>,
+    b0: usize,
+    whole: bool,
+) -> __m256 {
     // SAFETY: the caller guarantees the row's scales at `srow` (and at `sf`, for superblocks
     // inside the row); blocks past the row's end use the last block's group.
     unsafe {
@@ -838,7 +980,15 @@ unsafe fn q8_scales<const B: usize>(cx: &Q8, srow: *const u8, sf: Option<*const 
 /// # Safety
 /// As for [`q8_run`], with `j0 < n` and `i0 < m`.
 #[inline(always)]
-unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool, const G: bool, const NW: usize, const MA: usize>(
+unsafe fn q8_tile<
+    const B: usize,
+    const MODE: u8,
+    const ABS_W: bool,
+    const SUM16: bool,
+    const G: bool,
+    const NW: usize,
+    const MA: usize,
+>(
     cx: &Q8,
     j0: usize,
     n: usize,
@@ -882,7 +1032,11 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
         let mut sv = [_mm256_set1_ps(1.0); NW];
         let nfull = cx.nb / s;
         // Superblocks per group when groups hold whole superblocks, else 0 (per-lane scales).
-        let sbpg = if cx.bpg.is_multiple_of(s) { cx.bpg / s } else { 0 };
+        let sbpg = if cx.bpg.is_multiple_of(s) {
+            cx.bpg / s
+        } else {
+            0
+        };
         let mut srow = [core::ptr::null::<u8>(); NW];
         for r in 0..NW {
             srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
@@ -892,11 +1046,17 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
         let mut sf = core::mem::MaybeUninit::<[f32; SCALES_CAP + 8]>::uninit();
         let count = NW * cx.gpr;
         let vecs = count.div_ceil(8);
-        let sf_ok = grouped && count <= SCALES_CAP && j0 + NW <= n && (j0 * cx.gpr + 8 * vecs) <= n * cx.gpr;
+        let sf_ok = grouped
+            && count <= SCALES_CAP
+            && j0 + NW <= n
+            && (j0 * cx.gpr + 8 * vecs) <= n * cx.gpr;
         if sf_ok {
             let dst = sf.as_mut_ptr() as *mut f32;
             for q in 0..vecs {
-                _mm256_storeu_ps(dst.add(8 * q), _mm256_cvtph_ps(_mm_loadu_si128(srow[0].add(16 * q) as *const __m128i)));
+                _mm256_storeu_ps(
+                    dst.add(8 * q),
+                    _mm256_cvtph_ps(_mm_loadu_si128(srow[0].add(16 * q) as *const __m128i)),
+                );
             }
         }
         // Row r's scales start at entry r · gpr (full superblocks only read inside the row).
@@ -917,7 +1077,9 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
                 }
             }
             let prep = pre.map(|_| &pp);
-            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3);
+            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3,
+            );
             for p in cp.iter_mut() {
                 *p = p.add(sbb);
             }
@@ -950,7 +1112,9 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
                 }
             }
             let prep = pre.map(|_| &pp);
-            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3);
+            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3,
+            );
         }
         if MODE == AFFINE3 && _mm256_testz_si256(code3, _mm256_set1_epi8(0x55)) == 0 {
             // Code 3 is not on the line: redo the tile with the table (same integer sums where
@@ -977,10 +1141,18 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
                 if grouped {
                     ls
                 } else {
-                    _mm_mul_ps(ls, _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j0) as *const __m128i)))
+                    _mm_mul_ps(
+                        ls,
+                        _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j0) as *const __m128i)),
+                    )
                 }
             } else {
-                _mm_setr_ps(factor(row(0)), factor(row(1)), factor(row(2)), factor(row(3)))
+                _mm_setr_ps(
+                    factor(row(0)),
+                    factor(row(1)),
+                    factor(row(2)),
+                    factor(row(3)),
+                )
             };
             cx.out.put4(i0, j0, n, _mm_mul_ps(sums, f));
         } else {
@@ -999,7 +1171,6 @@ unsafe fn q8_tile<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16
         }
     }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // f32 activations
@@ -1123,7 +1294,10 @@ unsafe fn f16_table<const B: usize>(p: *const u8, t: &mut F16Table) {
         } else {
             for q in 0..e / 8 {
                 let h = _mm_loadu_si128(p.add(16 * q) as *const __m128i);
-                _mm256_storeu_ps((t.f32s.as_mut_ptr() as *mut f32).add(8 * q), _mm256_cvtph_ps(h));
+                _mm256_storeu_ps(
+                    (t.f32s.as_mut_ptr() as *mut f32).add(8 * q),
+                    _mm256_cvtph_ps(h),
+                );
             }
         }
     }
@@ -1151,7 +1325,9 @@ unsafe fn f32_weights<const B: usize>(cp: *const u8, t: &F16Table) -> [__m256; 4
             let mut bytes = [0u8; 32];
             _mm256_storeu_si256(bytes.as_mut_ptr() as *mut __m256i, c);
             let g = |q: usize| {
-                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(8 * q) as *const __m128i));
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    bytes.as_ptr().add(8 * q) as *const __m128i
+                ));
                 // Codes are below 2^B: the gather reads only written entries.
                 _mm256_i32gather_ps::<4>(t.f32s.as_ptr() as *const f32, idx)
             };
@@ -1183,7 +1359,10 @@ unsafe fn f32_step<const B: usize, const NW: usize, const MA: usize>(
                 }
                 if let Some(keep) = keep {
                     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                    let live = _mm256_cmpgt_epi32(keep, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * q as i32)));
+                    let live = _mm256_cmpgt_epi32(
+                        keep,
+                        _mm256_add_epi32(lane, _mm256_set1_epi32(8 * q as i32)),
+                    );
                     *v = _mm256_and_ps(*v, _mm256_castsi256_ps(live));
                 }
             }
@@ -1207,7 +1386,13 @@ unsafe fn f32_step<const B: usize, const NW: usize, const MA: usize>(
 /// # Safety
 /// As for [`f32_run`], with `j0 < n` and `i0 < m`.
 #[inline(always)]
-unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(cx: &F32, j0: usize, n: usize, i0: usize, m: usize) {
+unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(
+    cx: &F32,
+    j0: usize,
+    n: usize,
+    i0: usize,
+    m: usize,
+) {
     // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
     // tables and scales, or activation row min(i0 + i, m − 1) (k values), all checked in
     // `qgemm_f32`; the last, partial block reads activations from a zero-padded local copy.
@@ -1222,7 +1407,10 @@ unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(cx: &F32, j
         let mut cp = [core::ptr::null::<u8>(); NW];
         let mut srow = [core::ptr::null::<u8>(); NW];
         for r in 0..NW {
-            f16_table::<B>(cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries * 2), &mut tabs[r]);
+            f16_table::<B>(
+                cx.lut.add(table_of(row(r), cx.rpt, cx.n) * cx.entries * 2),
+                &mut tabs[r],
+            );
             cp[r] = cx.codes.add(row(r) * cx.rb);
             srow[r] = cx.scales.add(row(r) * cx.gpr * 2);
         }
@@ -1316,8 +1504,14 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
         return generic::sparse_gemm(w, g);
     }
     let per_row = l.per_row();
-    assert!(l.n * per_row * 2 <= l.pos_off && l.pos_off + l.n * l.pos_row_bytes <= w.bytes.len(), "sparse: weight bytes too short");
-    assert!(l.pos_row_bytes * 8 >= per_row * l.pos_bits && l.k == l.k / l.m * l.m, "sparse: inconsistent layout");
+    assert!(
+        l.n * per_row * 2 <= l.pos_off && l.pos_off + l.n * l.pos_row_bytes <= w.bytes.len(),
+        "sparse: weight bytes too short"
+    );
+    assert!(
+        l.pos_row_bytes * 8 >= per_row * l.pos_bits && l.k == l.k / l.m * l.m,
+        "sparse: inconsistent layout"
+    );
     check_out(g.m, l.n, g.c, g.c_rs, g.c_cs, g.bias);
     assert!((g.m - 1) * g.a_rs + l.k <= g.a.len(), "sparse: A too short");
     let cx = Sp {
@@ -1374,7 +1568,13 @@ unsafe fn sparse_run<const TWO_FOUR: bool>(cx: &Sp, m: usize, n: usize) {
 /// # Safety
 /// As for [`sparse_run`], with `j0 < n` and `i0 < m`.
 #[inline(always)]
-unsafe fn sparse_tile<const TWO_FOUR: bool, const NW: usize, const MA: usize>(cx: &Sp, j0: usize, n: usize, i0: usize, m: usize) {
+unsafe fn sparse_tile<const TWO_FOUR: bool, const NW: usize, const MA: usize>(
+    cx: &Sp,
+    j0: usize,
+    n: usize,
+    i0: usize,
+    m: usize,
+) {
     // SAFETY (whole body): values, positions and activations are read for rows
     // min(j0 + r, n − 1) and min(i0 + i, m − 1) only, at chunk c < per_row / 8 (8 values,
     // 16 bits of positions per 8·pos_bits bits, inputs below the chunk's last group), or value
@@ -1396,7 +1596,10 @@ unsafe fn sparse_tile<const TWO_FOUR: bool, const NW: usize, const MA: usize>(cx
         // Inputs per chunk of 8 values, and each lane's group offset.
         let span = 8 / cx.keep * cx.m;
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let group_of = _mm256_mullo_epi32(_mm256_srlv_epi32(lane, _mm256_set1_epi32(cx.keep.trailing_zeros() as i32)), _mm256_set1_epi32(cx.m as i32));
+        let group_of = _mm256_mullo_epi32(
+            _mm256_srlv_epi32(lane, _mm256_set1_epi32(cx.keep.trailing_zeros() as i32)),
+            _mm256_set1_epi32(cx.m as i32),
+        );
         let pb = cx.pos_bits;
         let shifts = _mm256_mullo_epi32(lane, _mm256_set1_epi32(pb as i32));
         let mask = _mm256_set1_epi32((1 << pb) - 1);
@@ -1451,7 +1654,11 @@ unsafe fn sparse_tile<const TWO_FOUR: bool, const NW: usize, const MA: usize>(cx
                 for k in chunks * 8..cx.per_row {
                     let bit = k * pb;
                     let word = *pp[r].add(bit / 8) as u32
-                        | if (bit + pb).div_ceil(8) > bit / 8 + 1 { (*pp[r].add(bit / 8 + 1) as u32) << 8 } else { 0 };
+                        | if (bit + pb).div_ceil(8) > bit / 8 + 1 {
+                            (*pp[r].add(bit / 8 + 1) as u32) << 8
+                        } else {
+                            0
+                        };
                     let p = (word >> (bit % 8)) as usize & ((1 << pb) - 1);
                     let col = k / cx.keep * cx.m + p;
                     v += *xp[i].add(col) * f16_at(vp[r], 2 * k);
@@ -1474,7 +1681,10 @@ pub fn quantize_q8(x: &[f32], out: &mut [u8]) {
     }
     let k = x.len();
     let nb = k.div_ceil(BLOCK);
-    assert!(out.len() >= nb * BLOCK + nb * 4, "quantize_q8: output too short");
+    assert!(
+        out.len() >= nb * BLOCK + nb * 4,
+        "quantize_q8: output too short"
+    );
     // SAFETY: the CPU has AVX2 and FMA (checked above); `out` holds the codes and scales.
     unsafe { quantize_avx2(x, out) }
 }
@@ -1517,17 +1727,29 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut [u8]) {
                 // Round half away from zero: truncate, then step away from zero when the
                 // (exact) remainder is at least one half.
                 let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
-                let far = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(y, t)), _mm256_set1_ps(0.5));
-                let step = _mm256_and_ps(far, _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0)));
+                let far = _mm256_cmp_ps::<_CMP_GE_OQ>(
+                    _mm256_andnot_ps(sign, _mm256_sub_ps(y, t)),
+                    _mm256_set1_ps(0.5),
+                );
+                let step = _mm256_and_ps(
+                    far,
+                    _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0)),
+                );
                 let r = _mm256_add_ps(t, step);
                 // NaN becomes 0 (as `as i32` does), then the clamp.
                 let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
-                let r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0)), _mm256_set1_ps(127.0));
+                let r = _mm256_min_ps(
+                    _mm256_max_ps(r, _mm256_set1_ps(-127.0)),
+                    _mm256_set1_ps(127.0),
+                );
                 _mm256_cvttps_epi32(r)
             });
             let ab = _mm256_packs_epi32(q[0], q[1]);
             let cd = _mm256_packs_epi32(q[2], q[3]);
-            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(ab, cd),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
             _mm256_storeu_si256(codes.as_mut_ptr().add(j * BLOCK) as *mut __m256i, bytes);
             d
         };
