@@ -3,23 +3,11 @@
 # qemu-aarch64 on the digits CNN: import, run, and eval against tract with the test labels, so
 # the host tool a phone or Raspberry Pi user would run is checked on every CI run.
 #
-# Uses Debian's /usr/bin/cargo + /usr/bin/rustc with -Zbuild-std (see setup-cross.sh); override
-# with CROSS_CARGO / CROSS_RUSTC. Outputs go to target/cross and target/cli-aarch64.
+# Toolchain and cross settings: boards/aarch64-env.sh. Outputs go to target/cross and target/cli-aarch64.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CARGO=${CROSS_CARGO:-/usr/bin/cargo}
-export RUSTC=${CROSS_RUSTC:-/usr/bin/rustc}
-die() { echo "cli-aarch64: error: $*" >&2; exit 1; }
-[[ -x "$CARGO" && -x "$RUSTC" ]] || die "Debian's cargo/rustc not found: run boards/setup-cross.sh first"
-command -v qemu-aarch64 >/dev/null || die "qemu-aarch64 not found: run boards/setup-cross.sh first"
-
-export RUSTC_BOOTSTRAP=1
-unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_TARGET
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-# tract-linalg assembles its arm64 kernels with the target's C compiler.
-export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
-export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+NAME=cli-aarch64
+source "$(dirname "${BASH_SOURCE[0]}")/aarch64-env.sh"
 
 cd "$ROOT"
 "$CARGO" build -Zbuild-std=std,panic_abort --target aarch64-unknown-linux-gnu \
