@@ -538,6 +538,34 @@ fn superblock_widths_all_groups() {
     }
 }
 
+/// f32 activations with enough rows to decode panels: k across several 256-input panels (ragged
+/// tails), m across the 96-row blocks, n across 16-row panels, every width and group size.
+#[test]
+fn panels_cross_k_and_row_blocks() {
+    let mut rng = Rng(13);
+    for bits in 1..=8 {
+        for (m, n, k) in [
+            (8usize, 17usize, 300usize),
+            (13, 16, 257),
+            (100, 33, 520),
+            (9, 1, 600),
+            (97, 15, 255),
+        ] {
+            let kp = k.div_ceil(BLOCK) * BLOCK;
+            let group = rng.pick(&groups(kp));
+            let table = rng.pick(&tables(bits));
+            let rpt = rng.pick(&[1, 3, n]);
+            let q = QCase::new(&mut rng, n, k, bits, group, rpt, false, table);
+            let io = Io::new(&mut rng, m, n, k).with_c(m % 2 == 1);
+            check_q(
+                &q,
+                &io,
+                &format!("bits={bits} m={m} n={n} k={k} group={group} rpt={rpt} {table:?}"),
+            );
+        }
+    }
+}
+
 /// The checks catch one wrong term: a reference result perturbed by one product fails.
 #[test]
 #[should_panic(expected = "perturbed")]
@@ -671,6 +699,8 @@ fn threaded_matches_single_threaded() {
         (1, 1500, 700, 3, 7, false),
         (40, 300, 200, 4, 300, true),
         (33, 301, 256, 8, 301, false),
+        (100, 300, 600, 4, 1, false),
+        (40, 64, 300, 3, 64, false),
     ] {
         let kp = k.div_ceil(BLOCK) * BLOCK;
         let q = QCase::new(&mut rng, n, k, bits, kp, rpt, int8, Table::Random);

@@ -17,6 +17,7 @@ use edgetune_core::Activation;
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
 pub mod generic;
+pub mod panel;
 #[cfg(feature = "std")]
 mod par;
 #[cfg(target_arch = "x86_64")]

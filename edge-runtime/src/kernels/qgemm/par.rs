@@ -21,8 +21,10 @@ use crate::kernels::Kernels;
 /// rayon workers costs more than it saves.
 const PAR_MIN_MACS: usize = 1 << 20;
 
-/// Row pieces are multiples of this many activation rows (the last one takes the rest).
-const ROW_UNIT: usize = 8;
+/// Row pieces are multiples of this many activation rows (the last one takes the rest): a
+/// multiple of the 4-row tiles of the compressed kernels and the 6-row tiles of the f32
+/// micro-kernels the panel path runs.
+const ROW_UNIT: usize = 12;
 
 /// Column pieces are multiples of this many outputs (a whole number of kernel tiles).
 const COL_UNIT: usize = 8;

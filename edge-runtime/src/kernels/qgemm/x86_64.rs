@@ -35,9 +35,10 @@
 //! A block of 32 codes is unpacked in natural order; for b ≤ 4 two `pshufb` look up the low and
 //! high bytes of the f16 table entries, `unpack` interleaves them and `cvtph2ps` widens them to
 //! four vectors of 8 f32 (b ≥ 5: gathers from the table converted to f32). The decoded block is
-//! used by every activation row of the tile: 1 weight row × 8 activation rows (which stay in L1
-//! while the weight rows stream by), 4 × 1 for GEMV. Group scales multiply the decoded weights;
-//! a row's single scale multiplies its sum.
+//! used by every activation row of the tile: 2 weight rows × 4 activation rows, 4 × 1 for GEMV.
+//! Group scales multiply the decoded weights; a row's single scale multiplies its sum. From
+//! [`panel::MIN_ROWS`] activation rows on, 16 weight rows are decoded per 256 inputs (times their
+//! scales, transposed 8 × 8 in registers) into a [`panel`] for the f32 GEMM micro-kernel.
 //!
 //! # N:M sparse ([`sparse_gemm`])
 //!
@@ -53,7 +54,8 @@ use core::arch::x86_64::*;
 use edgetune_core::layout::BLOCK;
 use edgetune_core::Activation;
 
-use super::{generic, q8_row_bytes, QGemm, QWeights, SparseWeights};
+use super::{generic, panel, q8_row_bytes, QGemm, QWeights, SparseWeights};
+use crate::kernels::gemm;
 use crate::math;
 
 /// True when this CPU can run these kernels.
@@ -195,6 +197,26 @@ unsafe fn f16_at(p: *const u8, o: usize) -> f32 {
 unsafe fn f32_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees four readable bytes.
     unsafe { f32::from_le_bytes(core::ptr::read_unaligned(p as *const [u8; 4])) }
+}
+
+/// How far ahead a GEMV prefetches the weight codes: 4 KiB, in whole tiles of `tile_bytes`
+/// (about the DRAM latency's worth of decoding, so rows streamed from memory arrive in time).
+#[inline(always)]
+fn gemv_ahead(tile_bytes: usize) -> usize {
+    4096usize.div_ceil(tile_bytes.max(1))
+}
+
+/// Prefetches `len` bytes at `base + tile + at` (a later tile's bytes, in the order a tile
+/// reads them), one line per 64 bytes. Addresses past the weight are harmless: a prefetch
+/// never faults.
+#[inline(always)]
+fn prefetch_ahead(base: *const u8, tile: usize, at: usize, len: usize) {
+    let p = base.wrapping_add(tile + at);
+    for o in (0..len).step_by(64) {
+        // SAFETY: a prefetch is a hint: it reads no memory the program can observe and never
+        // faults, whatever the address (SSE is part of the x86_64 baseline).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+    }
 }
 
 /// The smallest and largest of `bytes` as i8 (and at most 0, at least 0).
@@ -1076,6 +1098,14 @@ unsafe fn q8_tile<
                     sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
                 }
             }
+            if MA == 1 {
+                prefetch_ahead(
+                    cx.codes,
+                    (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
+                    sb * NW * sbb,
+                    NW * sbb,
+                );
+            }
             let prep = pre.map(|_| &pp);
             q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
                 cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3,
@@ -1224,6 +1254,22 @@ pub fn qgemm_f32(w: &QWeights<'_>, g: QGemm<'_>) {
         k: l.k,
         out: Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act),
     };
+    if g.m >= panel::MIN_ROWS {
+        let decode: unsafe fn(&F32, usize, usize, usize, &mut panel::Panel) = match l.bits {
+            1 => decode_panel::<1>,
+            2 => decode_panel::<2>,
+            3 => decode_panel::<3>,
+            4 => decode_panel::<4>,
+            5 => decode_panel::<5>,
+            6 => decode_panel::<6>,
+            7 => decode_panel::<7>,
+            _ => decode_panel::<8>,
+        };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); the frame asks for inputs
+        // k0..k0 + kc ≤ k of rows it clamps below n, inside the extents `check_q` checked.
+        let decode = |j0, k0, kc, p: &mut panel::Panel| unsafe { decode(&cx, j0, k0, kc, p) };
+        return panel::qgemm_f32(&gemm::x86_64::KERNEL, (l.n, l.k), decode, g);
+    }
     // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
     // the extents checked above, and `c` is borrowed mutably for this call.
     unsafe {
@@ -1263,6 +1309,101 @@ unsafe fn f32_run<const B: usize>(cx: &F32, m: usize, n: usize) {
                 }
             }
         }
+    }
+}
+
+/// Decodes weight rows `j0..j0 + 16` (clamped to the last row), inputs `k0..k0 + kc`, into a
+/// panel (see [`panel`]): each row's blocks as in [`f32_weights`], times their group scale, then
+/// 8 rows × 8 inputs at a time transposed in registers into the panel's rows.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe valid weight extents; `k0` must be
+/// a multiple of the block and `k0 + kc ≤ k`, `kc ≤ KC`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_panel<const B: usize>(
+    cx: &F32,
+    j0: usize,
+    k0: usize,
+    kc: usize,
+    p: &mut panel::Panel,
+) {
+    // SAFETY: rows are clamped below n and blocks k0/32 .. ⌈(k0 + kc)/32⌉ lie inside each row
+    // (k0 + kc ≤ k ≤ Kp); tables and scales of those rows were checked by `check_q`; the
+    // stores reach panel row ⌈kc/32⌉·32 − 1 < KC, column 15.
+    unsafe {
+        let b0 = k0 / BLOCK;
+        let out = p.as_mut_ptr();
+        for h in 0..gemm::NR / 8 {
+            if j0 + 8 * h >= cx.n {
+                break;
+            }
+            let mut tabs: [F16Table; 8] = core::array::from_fn(|_| F16Table {
+                lo: _mm256_setzero_si256(),
+                hi: _mm256_setzero_si256(),
+                f32s: core::mem::MaybeUninit::uninit(),
+            });
+            let mut cp = [core::ptr::null::<u8>(); 8];
+            let mut srow = [core::ptr::null::<u8>(); 8];
+            for r in 0..8 {
+                let row = (j0 + 8 * h + r).min(cx.n - 1);
+                f16_table::<B>(
+                    cx.lut.add(table_of(row, cx.rpt, cx.n) * cx.entries * 2),
+                    &mut tabs[r],
+                );
+                cp[r] = cx.codes.add(row * cx.rb + b0 * cx.bb);
+                srow[r] = cx.scales.add(row * cx.gpr * 2);
+            }
+            for b in 0..kc.div_ceil(BLOCK) {
+                let mut v = [[_mm256_setzero_ps(); 4]; 8];
+                for r in 0..8 {
+                    let s = _mm256_set1_ps(f16_at(srow[r], 2 * ((b0 + b) / cx.bpg)));
+                    let w = f32_weights::<B>(cp[r].add(b * cx.bb), &tabs[r]);
+                    for q in 0..4 {
+                        v[r][q] = _mm256_mul_ps(w[q], s);
+                    }
+                }
+                for q in 0..4 {
+                    let t = transpose8(core::array::from_fn(|r| v[r][q]));
+                    for (e, row) in t.iter().enumerate() {
+                        _mm256_storeu_ps(out.add((b * BLOCK + 8 * q + e) * gemm::NR + 8 * h), *row);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Transposes 8 vectors of 8: lane `r` of result `e` is lane `e` of input `r`.
+#[inline(always)]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // SAFETY: register-only AVX operations.
+    unsafe {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
     }
 }
 
@@ -1433,6 +1574,14 @@ unsafe fn f32_tile<const B: usize, const NW: usize, const MA: usize>(
                 full
             };
             while b < end {
+                if MA == 1 {
+                    prefetch_ahead(
+                        cx.codes,
+                        (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
+                        b * NW * cx.bb,
+                        NW * cx.bb,
+                    );
+                }
                 f32_step::<B, NW, MA>(&cp, &tabs, &sv, grouped, None, &xp, &mut acc);
                 for p in cp.iter_mut() {
                     *p = p.add(cx.bb);
