@@ -5,7 +5,7 @@
 //!
 //! `w[n][k] = scale[n][k / G] · lut[n / R][code[n][k]]`, with `b`-bit codes (1–8). One layout
 //! serves int8 per channel (b = 8, G = K), int4 groups (b = 4, G = 32/64/128, levels −8..7),
-//! ternary (b = 2, levels −1, 0, 1), binary (b = 1, levels −1, 1) and codebooks (any b, one table
+//! ternary (b = 2, levels −1, 0, 1; code 3, never written, is +2), binary (b = 1, levels −1, 1) and codebooks (any b, one table
 //! of centroids per tensor, per `R` rows, or per row).
 //!
 //! Rows are padded to `Kp = ⌈K/32⌉·32` with code 0 (the kernels pad activations with zeros).

@@ -204,12 +204,12 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
         ("cb4/row f32", q(spec(4, 0, 1, false, random))),
         ("cb3/row q8", q(spec(3, 0, 1, true, random))),
         ("cb2/row q8", q(spec(2, 0, 1, true, random))),
-        // As the ternary encoder writes them: codes 0, 1, 2 for −1, 0, +1.
+        // As the ternary encoder writes them: codes 0, 1, 2 for −1, 0, +1 (3, unused, for +2).
         (
             "ternary g128 q8",
             q(QSpec {
                 codes: 3,
-                ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 0.0][c])
+                ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 2.0][c])
             }),
         ),
         (

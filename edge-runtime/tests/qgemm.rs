@@ -55,7 +55,7 @@ enum Table {
     Random,
     /// Integer levels `c − 2^(b−1)` (group quantization): the i8 table is exact.
     Linear,
-    /// {−1, 0, 1, 0}, 2 bits.
+    /// {−1, 0, 1, 2}, 2 bits (as the ternary encoder writes it).
     Ternary,
     /// {−1, 1}, 1 bit.
     Binary,
@@ -104,7 +104,7 @@ impl QCase {
             codes.iter_mut().for_each(|c| *c = (*c).max(1));
         }
         if table == Table::Ternary && rng.below(2) == 0 {
-            // Nor does the ternary encoder write code 3 (whose table entry is 0).
+            // Nor does the ternary encoder write code 3.
             codes.iter_mut().for_each(|c| *c %= 3);
         }
         for r in 0..n {
@@ -134,7 +134,7 @@ impl QCase {
                 *v = match table {
                     Table::Random => f16_round(rng.f32()),
                     Table::Linear => c as f32 - half,
-                    Table::Ternary => [-1.0, 0.0, 1.0, 0.0][c],
+                    Table::Ternary => [-1.0, 0.0, 1.0, 2.0][c],
                     Table::Binary => [-1.0, 1.0][c],
                     Table::Int8Rows => (c as f32 - 128.0).max(-127.0),
                     Table::RawI8 => rng.below(256) as f32 - 128.0,

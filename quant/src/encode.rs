@@ -208,6 +208,9 @@ pub fn encode_groups(q: &GroupQuant, int8_activations: bool) -> Result<Encoded> 
 }
 
 /// Ternary weights (2-bit codes 0, 1, 2 → −1, 0, +1) with per-group scales; `k` padded to 32s.
+///
+/// The table's unused code 3 continues the line (+2), so the table is affine and the int8
+/// kernels multiply the codes themselves (`Σ w·q = Σ c·q − Σ q`) instead of looking them up.
 pub fn encode_ternary(t: &Ternary, int8_activations: bool) -> Result<Encoded> {
     if t.k % BLOCK != 0 {
         return Err(QuantError::Incompatible {
@@ -223,7 +226,7 @@ pub fn encode_ternary(t: &Ternary, int8_activations: bool) -> Result<Encoded> {
         rows_per_table: t.n,
         int8_activations,
         codes: &codes,
-        tables: &[-1.0, 0.0, 1.0, 0.0],
+        tables: &[-1.0, 0.0, 1.0, 2.0],
         scales: &t.scales,
     })
 }

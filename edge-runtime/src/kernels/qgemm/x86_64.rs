@@ -6,11 +6,12 @@
 //! Codes are unpacked to one byte per weight and multiplied with the int8 activations in
 //! `maddubs` (u8 × i8 pairs → i16) and `madd` (→ i32) — the integer sums are exactly the
 //! reference's. How a byte becomes a weight depends on the table, checked once per call:
-//! - *affine* (one table with `lut_i8[c] = α·c + β`, b ≤ 7: int2..7 group quantization, binary):
+//! - *affine* (one table with `lut_i8[c] = α·c + β`, b ≤ 7: int2..7 group quantization,
+//!   ternary, binary):
 //!   `Σ w·q = α·Σ c·q + β·Σ q`, with the codes themselves as the unsigned `maddubs` operand and
 //!   `Σ q` shared by all rows;
 //! - *linear int8* (b = 8, `lut_i8[c] = max(c − 128, lut_i8[0])`, int8 per row): `c ^ 0x80`;
-//! - *table* (codebooks, ternary, anything else): `pshufb` looks the i8 table up (b ≤ 4, one
+//! - *table* (codebooks, anything else): `pshufb` looks the i8 table up (b ≤ 4, one
 //!   16-entry table; b = 5..8, `2^(b−4)` sub-tables selected by the high nibble), then the sign
 //!   trick `maddubs(|q|, sign(w, q))` (or `maddubs(|w|, sign(q, w))` when a table holds −128).
 //!
@@ -497,9 +498,6 @@ unsafe fn superblock_acts<const B: usize>(q: *const u8) -> [__m256i; 4] {
 const AFFINE: u8 = 0;
 const LINEAR8: u8 = 1;
 const TABLE: u8 = 2;
-/// 2 bits, affine on codes 0–2 only (ternary: {−1, 0, 1, 0}): affine arithmetic, and a tile
-/// that holds code 3 is recomputed with the table.
-const AFFINE3: u8 = 3;
 
 /// One call's operands as raw pointers (extents checked in [`qgemm_q8`]).
 struct Q8 {
@@ -572,12 +570,6 @@ pub fn qgemm_q8(
             (mode, alpha, beta) = (AFFINE, a as i16, b as i16);
         }
     }
-    if mode == TABLE && l.tables == 1 && l.bits == 2 {
-        let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
-        if t0[2] as i8 as i32 == 2 * a + b {
-            (mode, alpha, beta) = (AFFINE3, a as i16, b as i16);
-        }
-    }
     if l.tables == 1 && l.bits == 8 {
         let f = t0[0] as i8;
         if (f == -128 || f == -127)
@@ -636,9 +628,6 @@ pub fn qgemm_q8(
     unsafe {
         match l.bits {
             1 => go!(1),
-            2 if mode == AFFINE3 && !abs_w && sum16 => {
-                q8_run::<2, AFFINE3, false, true>(&cx, m, l.n)
-            }
             2 => go!(2),
             3 => go!(3),
             4 => go!(4),
@@ -792,7 +781,7 @@ unsafe fn q8_weights<const B: usize, const MODE: u8>(
         let mut c = superblock_codes::<B>(cp);
         for v in c.iter_mut().take(sb_blocks(B)) {
             *v = match MODE {
-                AFFINE | AFFINE3 => *v,
+                AFFINE => *v,
                 LINEAR8 => _mm256_max_epi8(
                     _mm256_xor_si256(*v, _mm256_set1_epi8(-128)),
                     _mm256_set1_epi8(cx.floor),
@@ -832,7 +821,7 @@ unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
             bsq: _mm256_setzero_si256(),
             dv: per_lane::<B>(dp),
         };
-        if MODE == AFFINE || MODE == AFFINE3 {
+        if MODE == AFFINE {
             let ones8 = _mm256_set1_epi8(1);
             let mut p = _mm256_maddubs_epi16(ones8, t[0]);
             for v in t.iter().take(s).skip(1) {
@@ -840,8 +829,7 @@ unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
             }
             a.bsq = _mm256_madd_epi16(p, _mm256_set1_epi16(cx.beta));
         }
-        if MODE == AFFINE3 || (MODE != AFFINE && !ABS_W) {
-            // (AFFINE3: for the table recomputation of a tile holding code 3.)
+        if MODE != AFFINE && !ABS_W {
             for k in 0..s {
                 a.aq[k] = _mm256_abs_epi8(t[k]);
             }
@@ -862,7 +850,7 @@ unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16:
         let s = sb_blocks(B);
         let prod = |k: usize| -> __m256i {
             match MODE {
-                AFFINE | AFFINE3 => _mm256_maddubs_epi16(w[k], a.t[k]),
+                AFFINE => _mm256_maddubs_epi16(w[k], a.t[k]),
                 _ if ABS_W => {
                     _mm256_maddubs_epi16(_mm256_abs_epi8(w[k]), _mm256_sign_epi8(a.t[k], w[k]))
                 }
@@ -870,7 +858,7 @@ unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16:
             }
         };
         let ones16 = _mm256_set1_epi16(1);
-        let affine = MODE == AFFINE || MODE == AFFINE3;
+        let affine = MODE == AFFINE;
         if affine || SUM16 {
             let mut p = prod(0);
             for k in 1..s {
@@ -911,17 +899,9 @@ unsafe fn q8_step<
     pre: Option<&[*const Acts; MA]>,
     sv: &[__m256; NW],
     acc: &mut [[__m256; MA]; NW],
-    code3: &mut __m256i,
 ) {
     // SAFETY: the caller guarantees every pointer's superblock (the prepared one when `pre`).
     unsafe {
-        if MODE == AFFINE3 {
-            // Both bits of a 2-bit field set (code 3) leave a bit at an even position.
-            for r in 0..NW {
-                let x = _mm256_loadu_si256(cp[r] as *const __m256i);
-                *code3 = _mm256_or_si256(*code3, _mm256_and_si256(x, _mm256_srli_epi16::<1>(x)));
-            }
-        }
         // Prepared activations are used in place (their fields become memory operands).
         if MA == 1 {
             // GEMV: one activation superblock, then each row decoded and used at once.
@@ -1085,7 +1065,6 @@ unsafe fn q8_tile<
         let sfp = |r: usize| sf_ok.then(|| (sf.as_ptr() as *const f32).wrapping_add(r * cx.gpr));
         // Prepared activations: row i's superblocks start at entry i · nsb.
         let nsb = cx.nb.div_ceil(s);
-        let mut code3 = _mm256_setzero_si256();
         let mut pp = [core::ptr::null::<Acts>(); MA];
         if let Some(p) = pre {
             for i in 0..MA {
@@ -1108,7 +1087,7 @@ unsafe fn q8_tile<
             }
             let prep = pre.map(|_| &pp);
             q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
-                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3,
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
             );
             for p in cp.iter_mut() {
                 *p = p.add(sbb);
@@ -1143,13 +1122,8 @@ unsafe fn q8_tile<
             }
             let prep = pre.map(|_| &pp);
             q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
-                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc, &mut code3,
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
             );
-        }
-        if MODE == AFFINE3 && _mm256_testz_si256(code3, _mm256_set1_epi8(0x55)) == 0 {
-            // Code 3 is not on the line: redo the tile with the table (same integer sums where
-            // the line holds, so the same results).
-            return q8_tile::<B, TABLE, false, SUM16, G, NW, MA>(cx, j0, n, i0, m, pre);
         }
         // Per output: (Σ lanes) · lut_scale · (the row's scale when it has one).
         let factor = |j: usize| {
