@@ -549,7 +549,7 @@ fn panels_cross_k_and_row_blocks() {
             (13, 16, 257),
             (100, 33, 520),
             (9, 1, 600),
-            (97, 20, 255),
+            (97, 15, 255),
         ] {
             let kp = k.div_ceil(BLOCK) * BLOCK;
             let group = rng.pick(&groups(kp));

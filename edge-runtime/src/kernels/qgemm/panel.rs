@@ -5,8 +5,7 @@
 //! Decoding costs about as much as a handful of multiply-adds per weight, which a GEMV cannot
 //! amortize (the per-tile kernels decode straight into registers there) but a product with
 //! [`MIN_ROWS`] or more rows can: the work per weight becomes the f32 GEMM's. The decoded panel
-//! is 16 KiB of f32, a tile of the weight, never the matrix: weights that fit in one panel keep
-//! the per-tile kernels ([`uses_panels`]).
+//! is 16 KiB of f32, a tile of the weight, never the matrix.
 //!
 //! Row tiles are the micro-kernel's `mr` rows from the start of the product, so a product cut
 //! into row pieces of a multiple of 12 rows (the threaded frame) tiles its rows exactly as the
@@ -21,13 +20,6 @@ pub const MIN_ROWS: usize = 8;
 
 /// Inputs per decoded panel (a whole number of 32-input blocks).
 pub const KC: usize = 256;
-
-/// True when an `m`-row product with an `n × k` weight decodes panels: enough activation rows
-/// to pay for the decoding, and a weight larger than one panel (so no f32 copy of a whole weight
-/// is ever held).
-pub fn uses_panels(m: usize, n: usize, k: usize) -> bool {
-    m >= MIN_ROWS && (n > NR || k > KC)
-}
 
 /// A decoded panel: `KC` rows of [`NR`] weights, `panel[kk·NR + j]` = weight row `j0 + j`,
 /// input `k0 + kk`.

@@ -38,9 +38,8 @@
 //! four vectors of 8 f32 (b ≥ 5: gathers from the table converted to f32). The decoded block is
 //! used by every activation row of the tile: 2 weight rows × 4 activation rows, 4 × 1 for GEMV.
 //! Group scales multiply the decoded weights; a row's single scale multiplies its sum. From
-//! [`panel::MIN_ROWS`] activation rows on (weights larger than one panel), 16 weight rows are
-//! decoded per 256 inputs (times their scales, transposed 8 × 8 in registers) into a [`panel`]
-//! for the f32 GEMM micro-kernel.
+//! [`panel::MIN_ROWS`] activation rows on, 16 weight rows are decoded per 256 inputs (times their
+//! scales, transposed 8 × 8 in registers) into a [`panel`] for the f32 GEMM micro-kernel.
 //!
 //! # N:M sparse ([`sparse_gemm`])
 //!
@@ -1229,7 +1228,7 @@ pub fn qgemm_f32(w: &QWeights<'_>, g: QGemm<'_>) {
         k: l.k,
         out: Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act),
     };
-    if panel::uses_panels(g.m, l.n, l.k) {
+    if g.m >= panel::MIN_ROWS {
         let decode: unsafe fn(&F32, usize, usize, usize, &mut panel::Panel) = match l.bits {
             1 => decode_panel::<1>,
             2 => decode_panel::<2>,
