@@ -678,6 +678,40 @@ fn sparse_matches_reference() {
     }
 }
 
+/// 2:4 with enough activation rows to decode panels: k across 256-input panels with ragged ends
+/// (k a multiple of 4, not of 16), m across the 96-row blocks, n across 16-row panels.
+#[test]
+fn sparse_2_4_panels_match_reference() {
+    let mut rng = Rng(77);
+    for (m, n, k) in [
+        (8usize, 17usize, 260usize),
+        (13, 16, 1000),
+        (100, 33, 516),
+        (9, 1, 36),
+        (97, 20, 256),
+        (32, 40, 12),
+    ] {
+        let s = SCase::new(&mut rng, n, k, 2, 4);
+        for col_major in [false, true] {
+            let io = Io::new(&mut rng, m, n, k).with_c(col_major);
+            let w = |j: usize| &s.w[j * k..(j + 1) * k];
+            let tol = |i: usize, j: usize| REL * (1.0 + absdot(io.x(i), w(j)));
+            let want = run_s(&Kernels::reference(), &s, &io);
+            for ker in fast_kernels() {
+                io.check(
+                    &run_s(&ker, &s, &io),
+                    &want,
+                    tol,
+                    &format!(
+                        "2:4 m={m} n={n} k={k} col_major={col_major}: {}",
+                        ker.qgemm_name
+                    ),
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Threads, kernel choice
 // ---------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@
 //!
 //! 2:4 takes 8 values (16 inputs) at a time: positions become `vpermilps` indices into the two
 //! halves of the 16 inputs, a blend merges them. Other patterns with `N` in {1, 2, 4, 8} gather
-//! the inputs (`vgatherdps`); the rest, and ragged ends, run scalar.
+//! the inputs (`vgatherdps`); the rest, and ragged ends, run scalar. From [`panel::MIN_ROWS`]
+//! activation rows on, 2:4 rows are decoded into dense [`panel`]s for the f32 micro-kernel.
 
 // Tiles walk several per-row (or per-activation-row) arrays with the same index.
 #![allow(clippy::needless_range_loop)]
@@ -1649,6 +1650,13 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
         a_rs: g.a_rs,
         out: Out::new(g.c, g.c_rs, g.c_cs, g.bias, g.act),
     };
+    if l.keep == 2 && l.m == 4 && g.m >= panel::MIN_ROWS {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); the frame asks for inputs
+        // k0..k0 + kc ≤ k of rows it clamps below n, inside the extents checked above.
+        let decode =
+            |j0, k0, kc, p: &mut panel::Panel| unsafe { decode_panel_2_4(&cx, l.n, j0, k0, kc, p) };
+        return panel::qgemm_f32(&gemm::x86_64::KERNEL, (l.n, l.k), decode, g);
+    }
     // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
     // the extents checked above, and `c` is borrowed mutably for this call.
     unsafe {
@@ -1656,6 +1664,95 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
             sparse_run::<true>(&cx, g.m, l.n)
         } else {
             sparse_run::<false>(&cx, g.m, l.n)
+        }
+    }
+}
+
+/// Decodes 2:4 weight rows `j0..j0 + 16` (clamped to the last row), inputs `k0..k0 + kc`,
+/// into a panel: per row, 8 values and their 16 position bits become 16 dense inputs (each
+/// value moved to its position with `vpermps`, masked by a compare), transposed 8 × 8 into the
+/// panel; a ragged end of fewer than 16 inputs is placed one value at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe a valid 2:4 weight of `n` rows;
+/// `k0` must be a multiple of 16, `k0 + kc ≤ k`, `kc ≤ KC`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_panel_2_4(
+    cx: &Sp,
+    n: usize,
+    j0: usize,
+    k0: usize,
+    kc: usize,
+    p: &mut panel::Panel,
+) {
+    // SAFETY: rows are clamped below n; inputs k0..k0 + kc < k are values k0/2.. and position
+    // bytes k0/8.. of each row, inside the extents `sparse_gemm` checked; the stores reach panel
+    // row kc − 1 < KC, column 15.
+    unsafe {
+        let out = p.as_mut_ptr();
+        let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        let three = _mm256_set1_epi32(3);
+        let in_group = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+        // Dense inputs 8h..8h + 8 hold groups 2h and 2h + 1: values 4h + {0, 1} and 4h + {2, 3}.
+        let first = [
+            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6),
+        ];
+        let one = _mm256_set1_epi32(1);
+        for h in 0..gemm::NR / 8 {
+            if j0 + 8 * h >= n {
+                break;
+            }
+            let mut vp = [core::ptr::null::<u8>(); 8];
+            let mut pp = [core::ptr::null::<u8>(); 8];
+            for r in 0..8 {
+                let row = (j0 + 8 * h + r).min(n - 1);
+                vp[r] = cx.vals.add(row * cx.per_row * 2 + k0);
+                pp[r] = cx.pos.add(row * cx.pos_row_bytes + k0 / 8);
+            }
+            let full = kc / 16;
+            for c in 0..full {
+                let mut d = [[_mm256_setzero_ps(); 8]; 2];
+                for r in 0..8 {
+                    let vals =
+                        _mm256_cvtph_ps(_mm_loadu_si128(vp[r].add(16 * c) as *const __m128i));
+                    let bits = u16::from_le_bytes([*pp[r].add(2 * c), *pp[r].add(2 * c + 1)]);
+                    let pos = _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), shifts),
+                        three,
+                    );
+                    for (q, ia) in first.iter().enumerate() {
+                        let ib = _mm256_add_epi32(*ia, one);
+                        let at = |i: __m256i| {
+                            let hit =
+                                _mm256_cmpeq_epi32(_mm256_permutevar8x32_epi32(pos, i), in_group);
+                            _mm256_and_ps(
+                                _mm256_permutevar8x32_ps(vals, i),
+                                _mm256_castsi256_ps(hit),
+                            )
+                        };
+                        // Added, so that two values at one position sum as in the reference.
+                        d[q][r] = _mm256_add_ps(at(*ia), at(ib));
+                    }
+                }
+                for (q, rows) in d.iter().enumerate() {
+                    for (e, v) in transpose8(*rows).iter().enumerate() {
+                        _mm256_storeu_ps(out.add((16 * c + 8 * q + e) * gemm::NR + 8 * h), *v);
+                    }
+                }
+            }
+            for kk in 16 * full..kc {
+                for r in 0..8 {
+                    let (g, at) = ((kk / 4) * 2, kk % 4);
+                    let mut v = 0.0;
+                    for i in g..g + 2 {
+                        if (*pp[r].add(i / 4) >> (2 * (i % 4))) & 3 == at as u8 {
+                            v += f16_at(vp[r], 2 * i);
+                        }
+                    }
+                    *out.add(kk * gemm::NR + 8 * h + r) = v;
+                }
+            }
         }
     }
 }
