@@ -46,6 +46,10 @@ pub fn qgemm_f32(
     mut decode: impl FnMut(usize, usize, usize, &mut Panel),
     g: QGemm<'_>,
 ) {
+    if g.m == 0 || n == 0 {
+        return;
+    }
+    super::check(&g, n, k);
     let QGemm {
         m,
         a,
@@ -56,20 +60,11 @@ pub fn qgemm_f32(
         bias,
         act,
     } = g;
-    if m == 0 || n == 0 {
-        return;
-    }
     let mr = gemm.mr;
     assert!(
         (1..=MAX_MR).contains(&mr),
         "qgemm: micro-kernel tile height"
     );
-    assert!((m - 1) * a_rs + k <= a.len(), "qgemm: A too short");
-    assert!(
-        (m - 1) * c_rs + (n - 1) * c_cs < c.len(),
-        "qgemm: C too short"
-    );
-    assert!(bias.is_none_or(|b| b.len() >= n), "qgemm: bias too short");
     let mut panel: Panel = [0.0; KC * NR];
     let mut tile = [0f32; MAX_MR * NR];
     let identity = act.is_identity();
@@ -106,9 +101,9 @@ pub fn qgemm_f32(
                             _ => core::ptr::null(),
                         },
                     };
-                    // SAFETY: rows i..i + rows of A hold inputs k0..k0 + kc (asserted above:
+                    // SAFETY: rows i..i + rows of A hold inputs k0..k0 + kc (checked above:
                     // (m − 1)·a_rs + k ≤ a.len()); the panel holds KC ≥ kc rows of NR; outputs
-                    // (i + r, j0 + j) for r < rows, j < cols lie in C (asserted above), and the
+                    // (i + r, j0 + j) for r < rows, j < cols lie in C (checked above), and the
                     // tile buffer holds rows ≤ MAX_MR rows of NR; the bias holds j0 + cols ≤ n.
                     unsafe { (gemm.ukr)(&t) };
                     if !first {

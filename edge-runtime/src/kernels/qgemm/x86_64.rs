@@ -1693,12 +1693,18 @@ unsafe fn decode_panel_2_4(
         let shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
         let three = _mm256_set1_epi32(3);
         let in_group = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
-        // Dense inputs 8h..8h + 8 hold groups 2h and 2h + 1: values 4h + {0, 1} and 4h + {2, 3}.
-        let first = [
-            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
-            _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6),
+        // Dense inputs 8q..8q + 8 hold groups 2q and 2q + 1: each lane may take the first or the
+        // second value of its group (values 4q + {0, 1} and 4q + {2, 3}).
+        let picks = [
+            (
+                _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+                _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3),
+            ),
+            (
+                _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6),
+                _mm256_setr_epi32(5, 5, 5, 5, 7, 7, 7, 7),
+            ),
         ];
-        let one = _mm256_set1_epi32(1);
         for h in 0..gemm::NR / 8 {
             if j0 + 8 * h >= n {
                 break;
@@ -1721,8 +1727,7 @@ unsafe fn decode_panel_2_4(
                         _mm256_srlv_epi32(_mm256_set1_epi32(bits as i32), shifts),
                         three,
                     );
-                    for (q, ia) in first.iter().enumerate() {
-                        let ib = _mm256_add_epi32(*ia, one);
+                    for (q, &(ia, ib)) in picks.iter().enumerate() {
                         let at = |i: __m256i| {
                             let hit =
                                 _mm256_cmpeq_epi32(_mm256_permutevar8x32_epi32(pos, i), in_group);
@@ -1732,7 +1737,7 @@ unsafe fn decode_panel_2_4(
                             )
                         };
                         // Added, so that two values at one position sum as in the reference.
-                        d[q][r] = _mm256_add_ps(at(*ia), at(ib));
+                        d[q][r] = _mm256_add_ps(at(ia), at(ib));
                     }
                 }
                 for (q, rows) in d.iter().enumerate() {
