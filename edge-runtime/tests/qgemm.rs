@@ -357,10 +357,11 @@ fn fast_kernels() -> Vec<Kernels> {
     #[allow(unused_mut)]
     let mut ks = vec![best];
     #[cfg(target_arch = "aarch64")]
-    for v in edgetune_runtime::kernels::qgemm::aarch64::variants()
-        .into_iter()
-        .flatten()
-    {
+    let variants = edgetune_runtime::kernels::qgemm::aarch64::variants();
+    #[cfg(target_arch = "x86_64")]
+    let variants = edgetune_runtime::kernels::qgemm::x86_64::variants();
+    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+    for v in variants.into_iter().flatten() {
         if v.qgemm_name != best.qgemm_name {
             ks.push(v);
         }
@@ -785,7 +786,20 @@ fn best_picks_the_architecture_kernels() {
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
     {
-        assert_eq!(best.qgemm_name, "x86_64-avx2");
+        let has = |f: &[bool]| f.iter().all(|&b| b);
+        let want = if has(&[
+            std::is_x86_feature_detected!("avx512f"),
+            std::is_x86_feature_detected!("avx512bw"),
+            std::is_x86_feature_detected!("avx512vl"),
+            std::is_x86_feature_detected!("avx512vnni"),
+        ]) {
+            "x86_64-avx512-vnni"
+        } else if std::is_x86_feature_detected!("avxvnni") {
+            "x86_64-avx-vnni"
+        } else {
+            "x86_64-avx2"
+        };
+        assert_eq!(best.qgemm_name, want);
     }
     assert_eq!(Kernels::reference().qgemm_name, "generic");
 }

@@ -82,10 +82,10 @@ impl Kernels {
                 }
                 return Kernels {
                     qgemm_f32: qgemm::x86_64::qgemm_f32,
-                    qgemm_q8: qgemm::x86_64::qgemm_q8,
+                    qgemm_q8: qgemm::x86_64::qgemm_q8_best(),
                     sparse_gemm: qgemm::x86_64::sparse_gemm,
                     quantize_q8: qgemm::x86_64::quantize_q8,
-                    qgemm_name: qgemm::x86_64::NAME,
+                    qgemm_name: qgemm::x86_64::name(),
                     ..gemm
                 };
             }
@@ -128,6 +128,40 @@ fn x86_64_has_avx2_fma() -> bool {
     #[cfg(not(feature = "std"))]
     {
         cfg!(all(target_feature = "avx2", target_feature = "fma"))
+    }
+}
+
+/// True when the CPU has AVX-VNNI (`vpdpbusd` on VEX-encoded 256-bit registers).
+#[cfg(target_arch = "x86_64")]
+fn x86_64_has_avx_vnni() -> bool {
+    #[cfg(feature = "std")]
+    {
+        std::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        cfg!(target_feature = "avxvnni")
+    }
+}
+
+/// True when the CPU has AVX512F, BW, VL and VNNI.
+#[cfg(target_arch = "x86_64")]
+fn x86_64_has_avx512_vnni() -> bool {
+    #[cfg(feature = "std")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        cfg!(all(
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vl",
+            target_feature = "avx512vnni"
+        ))
     }
 }
 

@@ -1,7 +1,8 @@
 //! AVX2 kernels for compressed weights (with FMA and F16C; each entry point checks the CPU and
-//! falls back to [`super::generic`] without them).
+//! falls back to [`super::generic`] without them), and AVX-VNNI / AVX512-VNNI versions of the
+//! int8-activation products.
 //!
-//! # int8 activations ([`qgemm_q8`])
+//! # int8 activations ([`qgemm_q8`], [`qgemm_q8_avx_vnni`], [`qgemm_q8_avx512`])
 //!
 //! Codes are unpacked to one byte per weight and multiplied with the int8 activations in
 //! `maddubs` (u8 × i8 pairs → i16) and `madd` (→ i32) — the integer sums are exactly the
@@ -22,7 +23,16 @@
 //! widths unpack one block in natural order. Per superblock and output the i32 sums are
 //! converted once and accumulated with `d·scale` per lane (one lane group per block).
 //!
-//! Tiles: 4 weight rows × 1 activation row for GEMV, 2 × 4 otherwise. The activation side of a
+//! With `vpdpbusd` (AVX-VNNI, AVX512-VNNI) the unsigned operand is always the weight side:
+//! the codes (affine) or `w + 128` (`pshufb` on the table with its sign bit flipped; int8:
+//! `max(c, floor + 128)`), and `−128·Σq` per lane, prepared with the activations, is the
+//! accumulator's start — no sign trick, no i16 intermediate.
+//!
+//! Tiles: 4 weight rows × 1 activation row for GEMV (8 with `vpdpbusd`), 2 × 4 otherwise.
+//! With AVX512-VNNI, GEMVs of 1-, 2- and 4-bit codes hold two consecutive superblocks of a row
+//! in one 512-bit register (the activations prepared in pairs, with each lane's group index so
+//! that scales need no division), 8 weight rows per tile, and the row's codes read with a masked
+//! load at its end. The activation side of a
 //! superblock (permuted codes, `|q|` or `β·Σq`, per-lane `d`) is prepared once per activation
 //! tile in a bounded stack buffer and shared by every weight row (rows too long for it prepare it
 //! per tile). Each output's arithmetic is the same whatever tile computes it, so threaded and
@@ -67,6 +77,12 @@ fn available() -> bool {
 
 /// Name shown for these kernels.
 pub const NAME: &str = "x86_64-avx2";
+
+/// Name shown for these kernels with AVX-VNNI for int8 activations.
+pub const NAME_AVX_VNNI: &str = "x86_64-avx-vnni";
+
+/// Name shown for these kernels with AVX512-VNNI for int8 activations.
+pub const NAME_AVX512: &str = "x86_64-avx512-vnni";
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -500,6 +516,12 @@ const AFFINE: u8 = 0;
 const LINEAR8: u8 = 1;
 const TABLE: u8 = 2;
 
+/// Which instruction multiplies the bytes: `maddubs` + `madd` (AVX2), or `vpdpbusd` from
+/// AVX-VNNI or AVX512-VNNI (256-bit).
+const MADDUBS: u8 = 0;
+const AVX_VNNI: u8 = 1;
+const AVX512_VNNI: u8 = 2;
+
 /// One call's operands as raw pointers (extents checked in [`qgemm_q8`]).
 struct Q8 {
     codes: *const u8,
@@ -529,9 +551,110 @@ struct Q8 {
     out: Out,
 }
 
-/// Block-quantized weights × int8-quantized activation rows (see [`super::QGemmQ8Fn`]).
+/// Block-quantized weights × int8-quantized activation rows, `maddubs` (see
+/// [`super::QGemmQ8Fn`]).
 #[allow(clippy::too_many_arguments)]
 pub fn qgemm_q8(
+    w: &QWeights<'_>,
+    rows: &[u8],
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
+    q8_with(MADDUBS, w, rows, m, c, c_rs, c_cs, bias, act)
+}
+
+/// [`qgemm_q8`] with AVX-VNNI's `vpdpbusd`; without it, [`qgemm_q8`] itself.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_q8_avx_vnni(
+    w: &QWeights<'_>,
+    rows: &[u8],
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
+    let dot = if crate::kernels::x86_64_has_avx_vnni() {
+        AVX_VNNI
+    } else {
+        MADDUBS
+    };
+    q8_with(dot, w, rows, m, c, c_rs, c_cs, bias, act)
+}
+
+/// [`qgemm_q8`] with AVX512-VNNI: `vpdpbusd` on 256-bit registers, and GEMVs of 1-, 2- and
+/// 4-bit codes on 512-bit ones; without AVX512F/BW/VL/VNNI, [`qgemm_q8`] itself.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_q8_avx512(
+    w: &QWeights<'_>,
+    rows: &[u8],
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
+    let dot = if crate::kernels::x86_64_has_avx512_vnni() {
+        AVX512_VNNI
+    } else {
+        MADDUBS
+    };
+    q8_with(dot, w, rows, m, c, c_rs, c_cs, bias, act)
+}
+
+/// The int8-activation kernels, their names and whether this CPU runs them, fastest first.
+fn q8_kernels() -> [(super::QGemmQ8Fn, &'static str, bool); 3] {
+    [
+        (
+            qgemm_q8_avx512,
+            NAME_AVX512,
+            crate::kernels::x86_64_has_avx512_vnni(),
+        ),
+        (
+            qgemm_q8_avx_vnni,
+            NAME_AVX_VNNI,
+            crate::kernels::x86_64_has_avx_vnni(),
+        ),
+        (qgemm_q8, NAME, true),
+    ]
+}
+
+/// The int8-activation kernel for this CPU: the first of AVX512-VNNI, AVX-VNNI and AVX2 it has.
+pub fn qgemm_q8_best() -> super::QGemmQ8Fn {
+    q8_kernels()
+        .into_iter()
+        .find(|k| k.2)
+        .map_or(qgemm_q8, |k| k.0)
+}
+
+/// Name of the kernels [`Kernels::best`](crate::kernels::Kernels::best) picks on this CPU.
+pub fn name() -> &'static str {
+    q8_kernels().into_iter().find(|k| k.2).map_or(NAME, |k| k.1)
+}
+
+/// Every kernel set this CPU runs (AVX2 and, where present, AVX-VNNI and AVX512-VNNI for int8
+/// activations), for tests.
+pub fn variants() -> [Option<crate::kernels::Kernels>; 3] {
+    let base = crate::kernels::Kernels::best();
+    q8_kernels().map(|(f, name, has)| {
+        (available() && has).then_some(crate::kernels::Kernels {
+            qgemm_q8: f,
+            qgemm_name: name,
+            ..base
+        })
+    })
+}
+
+/// [`qgemm_q8`] with the multiply instruction `dot` (one the CPU has).
+#[allow(clippy::too_many_arguments)]
+fn q8_with(
+    dot: u8,
     w: &QWeights<'_>,
     rows: &[u8],
     m: usize,
@@ -613,19 +736,26 @@ pub fn qgemm_q8(
     };
     macro_rules! go {
         ($b:literal) => {
-            match (mode, abs_w, sum16) {
-                (AFFINE, _, _) => q8_run::<$b, AFFINE, false, true>(&cx, m, l.n),
-                (LINEAR8, false, _) => q8_run::<$b, LINEAR8, false, false>(&cx, m, l.n),
-                (LINEAR8, true, _) => q8_run::<$b, LINEAR8, true, false>(&cx, m, l.n),
-                (_, false, true) => q8_run::<$b, TABLE, false, true>(&cx, m, l.n),
-                (_, false, false) => q8_run::<$b, TABLE, false, false>(&cx, m, l.n),
-                (_, true, _) => q8_run::<$b, TABLE, true, false>(&cx, m, l.n),
+            match (dot, mode, abs_w, sum16) {
+                (AVX_VNNI, AFFINE, _, _) => q8_run_avx_vnni::<$b, AFFINE>(&cx, m, l.n),
+                (AVX_VNNI, LINEAR8, _, _) => q8_run_avx_vnni::<$b, LINEAR8>(&cx, m, l.n),
+                (AVX_VNNI, _, _, _) => q8_run_avx_vnni::<$b, TABLE>(&cx, m, l.n),
+                (AVX512_VNNI, AFFINE, _, _) => q8_run_avx512_vnni::<$b, AFFINE>(&cx, m, l.n),
+                (AVX512_VNNI, LINEAR8, _, _) => q8_run_avx512_vnni::<$b, LINEAR8>(&cx, m, l.n),
+                (AVX512_VNNI, _, _, _) => q8_run_avx512_vnni::<$b, TABLE>(&cx, m, l.n),
+                (_, AFFINE, _, _) => q8_run_avx2::<$b, AFFINE, false, true>(&cx, m, l.n),
+                (_, LINEAR8, false, _) => q8_run_avx2::<$b, LINEAR8, false, false>(&cx, m, l.n),
+                (_, LINEAR8, true, _) => q8_run_avx2::<$b, LINEAR8, true, false>(&cx, m, l.n),
+                (_, _, false, true) => q8_run_avx2::<$b, TABLE, false, true>(&cx, m, l.n),
+                (_, _, false, false) => q8_run_avx2::<$b, TABLE, false, false>(&cx, m, l.n),
+                (_, _, true, _) => q8_run_avx2::<$b, TABLE, true, false>(&cx, m, l.n),
             }
         };
     }
-    // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every pointer in `cx` addresses
-    // the extents checked above (`check_q`, `check_out`, the rows' length), and `c` is borrowed
-    // mutably for this call.
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked above) and the `dot` instructions (the
+    // callers check); every pointer in `cx` addresses the extents checked
+    // above (`check_q`, `check_out`, the rows' length), and `c` is borrowed mutably for this
+    // call.
     unsafe {
         match l.bits {
             1 => go!(1),
@@ -640,14 +770,54 @@ pub fn qgemm_q8(
     }
 }
 
+/// [`q8_run`] with `maddubs`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_run_avx2<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(
+    cx: &Q8,
+    m: usize,
+    n: usize,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe { q8_run::<B, MODE, ABS_W, SUM16, MADDUBS>(cx, m, n) }
+}
+
+/// [`q8_run`] with AVX-VNNI's `vpdpbusd`.
+///
+/// # Safety
+/// As for [`q8_run_avx2`], and AVX-VNNI must be available.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn q8_run_avx_vnni<const B: usize, const MODE: u8>(cx: &Q8, m: usize, n: usize) {
+    // SAFETY: as the caller guarantees.
+    unsafe { q8_run::<B, MODE, false, false, AVX_VNNI>(cx, m, n) }
+}
+
+/// [`q8_run`] with AVX512-VNNI's `vpdpbusd` on 256-bit registers.
+///
+/// # Safety
+/// As for [`q8_run_avx2`], and AVX512-VNNI with AVX512-VL must be available.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_run_avx512_vnni<const B: usize, const MODE: u8>(cx: &Q8, m: usize, n: usize) {
+    // SAFETY: as the caller guarantees.
+    unsafe { q8_run::<B, MODE, false, false, AVX512_VNNI>(cx, m, n) }
+}
+
 /// All tiles of one call: 4 weight rows × 1 activation row when `m < 4` (GEMV), else 2 × 4.
 /// Ragged edges repeat the last row (its extra results are dropped), so every output comes
 /// out of the same arithmetic.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `cx` must describe valid extents for `m × n`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(
+#[inline(always)]
+unsafe fn q8_run<
+    const B: usize,
+    const MODE: u8,
+    const ABS_W: bool,
+    const SUM16: bool,
+    const DOT: u8,
+>(
     cx: &Q8,
     m: usize,
     n: usize,
@@ -655,9 +825,9 @@ unsafe fn q8_run<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16:
     // SAFETY: every tile lies inside the m × n product (rows past the edges are clamped).
     unsafe {
         if cx.gpr > 1 {
-            q8_tiles::<B, MODE, ABS_W, SUM16, true>(cx, m, n)
+            q8_tiles::<B, MODE, ABS_W, SUM16, DOT, true>(cx, m, n)
         } else {
-            q8_tiles::<B, MODE, ABS_W, SUM16, false>(cx, m, n)
+            q8_tiles::<B, MODE, ABS_W, SUM16, DOT, false>(cx, m, n)
         }
     }
 }
@@ -672,6 +842,7 @@ unsafe fn q8_tiles<
     const MODE: u8,
     const ABS_W: bool,
     const SUM16: bool,
+    const DOT: u8,
     const G: bool,
 >(
     cx: &Q8,
@@ -683,20 +854,50 @@ unsafe fn q8_tiles<
     unsafe {
         let nsb = cx.nb.div_ceil(sb_blocks(B));
         let mut buf = [const { core::mem::MaybeUninit::<Acts>::uninit() }; ACTS_CAP];
+        // AVX-512 GEMV: two superblocks per zmm register (1, 2 and 4 bits, byte tables or
+        // affine codes).
+        let zmm = DOT == AVX512_VNNI && matches!(B, 1 | 2 | 4) && MODE != LINEAR8;
+        let mut pairs = [const { core::mem::MaybeUninit::<Acts2>::uninit() }; ACTS_CAP / 2];
         if m < 4 {
             for i in 0..m {
-                let pre =
-                    (nsb <= ACTS_CAP).then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 1, m, &mut buf));
-                for j in (0..n).step_by(4) {
-                    q8_tile::<B, MODE, ABS_W, SUM16, G, 4, 1>(cx, j, n, i, m, pre);
+                let pre = (nsb <= ACTS_CAP)
+                    .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 1, m, &mut buf));
+                let none = core::ptr::null();
+                if let (true, Some(pre)) = (zmm, pre) {
+                    let pairs = q8_pair_up::<B>(cx, pre, nsb, &mut pairs);
+                    for j in (0..n).step_by(8) {
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1, true>(
+                            cx, j, n, i, m, None, pairs,
+                        );
+                    }
+                } else if DOT == MADDUBS {
+                    for j in (0..n).step_by(4) {
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 4, 1, false>(
+                            cx, j, n, i, m, pre, none,
+                        );
+                    }
+                } else {
+                    for j in (0..n).step_by(8) {
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1, false>(
+                            cx, j, n, i, m, pre, none,
+                        );
+                    }
                 }
             }
         } else {
             for i in (0..m).step_by(4) {
                 let pre = (4 * nsb <= ACTS_CAP)
-                    .then(|| q8_prepare::<B, MODE, ABS_W>(cx, i, 4, m, &mut buf));
+                    .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 4, m, &mut buf));
                 for j in (0..n).step_by(2) {
-                    q8_tile::<B, MODE, ABS_W, SUM16, G, 2, 4>(cx, j, n, i, m, pre);
+                    q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 2, 4, false>(
+                        cx,
+                        j,
+                        n,
+                        i,
+                        m,
+                        pre,
+                        core::ptr::null(),
+                    );
                 }
             }
         }
@@ -716,7 +917,7 @@ const SCALES_CAP: usize = 256;
 /// # Safety
 /// `cx` must describe valid activation rows; `buf` must hold `ma · nsb` entries.
 #[inline(always)]
-unsafe fn q8_prepare<const B: usize, const MODE: u8, const ABS_W: bool>(
+unsafe fn q8_prepare<const B: usize, const MODE: u8, const ABS_W: bool, const DOT: u8>(
     cx: &Q8,
     i0: usize,
     ma: usize,
@@ -741,7 +942,7 @@ unsafe fn q8_prepare<const B: usize, const MODE: u8, const ABS_W: bool>(
                     core::ptr::copy_nonoverlapping(dp, dbuf.as_mut_ptr(), valid);
                     (ap, dp) = (abuf.as_ptr(), dbuf.as_ptr());
                 }
-                buf[i * nsb + sb].write(q8_acts::<B, MODE, ABS_W>(cx, ap, dp));
+                buf[i * nsb + sb].write(q8_acts::<B, MODE, ABS_W, DOT>(cx, ap, dp));
             }
         }
         buf.as_ptr() as *const Acts
@@ -772,7 +973,7 @@ unsafe fn lookup_i8<const B: usize>(c: __m256i, tp: *const u8) -> __m256i {
 
 /// Int8 weights of one superblock of codes.
 #[inline(always)]
-unsafe fn q8_weights<const B: usize, const MODE: u8>(
+unsafe fn q8_weights<const B: usize, const MODE: u8, const DOT: u8>(
     cx: &Q8,
     cp: *const u8,
     tp: *const u8,
@@ -783,10 +984,15 @@ unsafe fn q8_weights<const B: usize, const MODE: u8>(
         for v in c.iter_mut().take(sb_blocks(B)) {
             *v = match MODE {
                 AFFINE => *v,
+                // w + 128 = max(c, floor + 128) as unsigned bytes.
+                LINEAR8 if DOT != MADDUBS => _mm256_max_epu8(*v, _mm256_set1_epi8(cx.floor ^ -128)),
                 LINEAR8 => _mm256_max_epi8(
                     _mm256_xor_si256(*v, _mm256_set1_epi8(-128)),
                     _mm256_set1_epi8(cx.floor),
                 ),
+                _ if DOT != MADDUBS => {
+                    _mm256_xor_si256(lookup_i8::<B>(*v, tp), _mm256_set1_epi8(-128))
+                }
                 _ => lookup_i8::<B>(*v, tp),
             };
         }
@@ -800,14 +1006,14 @@ struct Acts {
     t: [__m256i; 4],
     /// |t| (table and linear modes, `!ABS_W`).
     aq: [__m256i; 4],
-    /// β·Σq per lane (affine mode).
+    /// β·Σq per lane (affine mode), −128·Σq with `vpdpbusd` in the other modes.
     bsq: __m256i,
     /// Activation scale per lane.
     dv: __m256,
 }
 
 #[inline(always)]
-unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
+unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool, const DOT: u8>(
     cx: &Q8,
     ap: *const u8,
     dp: *const f32,
@@ -822,15 +1028,16 @@ unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
             bsq: _mm256_setzero_si256(),
             dv: per_lane::<B>(dp),
         };
-        if MODE == AFFINE {
+        if MODE == AFFINE || DOT != MADDUBS {
             let ones8 = _mm256_set1_epi8(1);
             let mut p = _mm256_maddubs_epi16(ones8, t[0]);
             for v in t.iter().take(s).skip(1) {
                 p = _mm256_add_epi16(p, _mm256_maddubs_epi16(ones8, *v));
             }
-            a.bsq = _mm256_madd_epi16(p, _mm256_set1_epi16(cx.beta));
+            let beta = if MODE == AFFINE { cx.beta } else { -128 };
+            a.bsq = _mm256_madd_epi16(p, _mm256_set1_epi16(beta));
         }
-        if MODE != AFFINE && !ABS_W {
+        if MODE != AFFINE && !ABS_W && DOT == MADDUBS {
             for k in 0..s {
                 a.aq[k] = _mm256_abs_epi8(t[k]);
             }
@@ -841,14 +1048,42 @@ unsafe fn q8_acts<const B: usize, const MODE: u8, const ABS_W: bool>(
 
 /// `Σ w·q` per lane of one superblock (i32, exact).
 #[inline(always)]
-unsafe fn q8_dot<const B: usize, const MODE: u8, const ABS_W: bool, const SUM16: bool>(
+unsafe fn q8_dot<
+    const B: usize,
+    const MODE: u8,
+    const ABS_W: bool,
+    const SUM16: bool,
+    const DOT: u8,
+>(
     cx: &Q8,
     w: &[__m256i; 4],
     a: &Acts,
 ) -> __m256i {
-    // SAFETY: register-only AVX2 operations.
+    // SAFETY: register-only AVX2 operations (and `vpdpbusd`, enabled by the caller with DOT).
     unsafe {
         let s = sb_blocks(B);
+        if DOT != MADDUBS {
+            // Unsigned weights (the codes, or w + 128) × signed activations, 4 per i32 lane.
+            let dp = |acc, k: usize| match DOT {
+                AVX_VNNI => _mm256_dpbusd_avx_epi32(acc, w[k], a.t[k]),
+                _ => _mm256_dpbusd_epi32(acc, w[k], a.t[k]),
+            };
+            if MODE != AFFINE || cx.alpha == 1 {
+                let mut v = dp(a.bsq, 0);
+                for k in 1..s {
+                    v = dp(v, k);
+                }
+                return v;
+            }
+            let mut v = dp(_mm256_setzero_si256(), 0);
+            for k in 1..s {
+                v = dp(v, k);
+            }
+            if cx.alpha != 1 {
+                v = _mm256_mullo_epi32(v, _mm256_set1_epi32(cx.alpha as i32));
+            }
+            return _mm256_add_epi32(v, a.bsq);
+        }
         let prod = |k: usize| -> __m256i {
             match MODE {
                 AFFINE => _mm256_maddubs_epi16(w[k], a.t[k]),
@@ -888,6 +1123,7 @@ unsafe fn q8_step<
     const MODE: u8,
     const ABS_W: bool,
     const SUM16: bool,
+    const DOT: u8,
     const G: bool,
     const NW: usize,
     const MA: usize,
@@ -910,37 +1146,332 @@ unsafe fn q8_step<
             let a: &Acts = match pre {
                 Some(p) => &*p[0],
                 None => {
-                    local = q8_acts::<B, MODE, ABS_W>(cx, ap[0], dp[0]);
+                    local = q8_acts::<B, MODE, ABS_W, DOT>(cx, ap[0], dp[0]);
                     &local
                 }
             };
             for r in 0..NW {
-                let w = q8_weights::<B, MODE>(cx, cp[r], tp[r]);
-                let isum = q8_dot::<B, MODE, ABS_W, SUM16>(cx, &w, a);
+                let w = q8_weights::<B, MODE, DOT>(cx, cp[r], tp[r]);
+                let isum = q8_dot::<B, MODE, ABS_W, SUM16, DOT>(cx, &w, a);
                 let ds = if G { _mm256_mul_ps(a.dv, sv[r]) } else { a.dv };
                 acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ds, acc[r][0]);
             }
         } else {
             let mut w = [[_mm256_setzero_si256(); 4]; NW];
             for r in 0..NW {
-                w[r] = q8_weights::<B, MODE>(cx, cp[r], tp[r]);
+                w[r] = q8_weights::<B, MODE, DOT>(cx, cp[r], tp[r]);
             }
             for i in 0..MA {
                 let local;
                 let a: &Acts = match pre {
                     Some(p) => &*p[i],
                     None => {
-                        local = q8_acts::<B, MODE, ABS_W>(cx, ap[i], dp[i]);
+                        local = q8_acts::<B, MODE, ABS_W, DOT>(cx, ap[i], dp[i]);
                         &local
                     }
                 };
                 for r in 0..NW {
-                    let isum = q8_dot::<B, MODE, ABS_W, SUM16>(cx, &w[r], a);
+                    let isum = q8_dot::<B, MODE, ABS_W, SUM16, DOT>(cx, &w[r], a);
                     let ds = if G { _mm256_mul_ps(a.dv, sv[r]) } else { a.dv };
                     acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ds, acc[r][i]);
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 activations, AVX-512 GEMV: two superblocks per zmm register
+// ---------------------------------------------------------------------------------------------
+
+/// Activation superblocks `2p` (low 256 bits) and `2p + 1` (high) of one row, ready to multiply.
+#[derive(Clone, Copy)]
+struct Acts2 {
+    t: [__m512i; 4],
+    /// As [`Acts::bsq`] (`vpdpbusd` modes).
+    bsq: __m512i,
+    dv: __m512,
+    /// The first group of the pair and for each lane the index of its group from there (no
+    /// division per tile).
+    g0: usize,
+    gidx: __m512i,
+}
+
+/// Joins one activation row's prepared superblocks (`nsb` from `pre`) in pairs into `buf`, the
+/// last one with zeros when `nsb` is odd (zero activations, scales and sums add nothing).
+///
+/// # Safety
+/// AVX512F must be available; `pre` must hold `nsb ≤ ACTS_CAP` prepared superblocks.
+#[inline(always)]
+unsafe fn q8_pair_up<const B: usize>(
+    cx: &Q8,
+    pre: *const Acts,
+    nsb: usize,
+    buf: &mut [core::mem::MaybeUninit<Acts2>; ACTS_CAP / 2],
+) -> *const Acts2 {
+    // SAFETY: entries 2p, 2p + 1 < nsb of `pre` are prepared; p < nsb/2 ≤ ACTS_CAP / 2.
+    unsafe {
+        let zi = _mm256_setzero_si256();
+        let zero = Acts {
+            t: [zi; 4],
+            aq: [zi; 4],
+            bsq: zi,
+            dv: _mm256_setzero_ps(),
+        };
+        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+        let s = sb_blocks(B);
+        let mut lanes = [0i32; 8];
+        _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, lane_blocks::<B>());
+        for p in 0..nsb.div_ceil(2) {
+            // Blocks past the row (a partial or missing superblock) take the last block's
+            // group: their products are zero, their scales must merely be finite.
+            let group = |blk: usize| blk.min(cx.nb - 1) / cx.bpg;
+            let g0 = group(2 * p * s);
+            let mut gidx = [0i32; 16];
+            for (l, g) in gidx.iter_mut().enumerate() {
+                *g = (group((2 * p + l / 8) * s + lanes[l % 8] as usize) - g0) as i32;
+            }
+            let a = &*pre.add(2 * p);
+            let b = if 2 * p + 1 < nsb {
+                &*pre.add(2 * p + 1)
+            } else {
+                &zero
+            };
+            buf[p].write(Acts2 {
+                t: core::array::from_fn(|k| join(a.t[k], b.t[k])),
+                bsq: join(a.bsq, b.bsq),
+                dv: join_ps(a.dv, b.dv),
+                g0,
+                gidx: _mm512_loadu_si512(gidx.as_ptr() as *const __m512i),
+            });
+        }
+        buf.as_ptr() as *const Acts2
+    }
+}
+
+/// `a` in the low 256 bits, `b` in the high.
+#[inline(always)]
+unsafe fn join_ps(a: __m256, b: __m256) -> __m512 {
+    // SAFETY: register-only AVX512F operations; the caller runs with AVX512F enabled.
+    unsafe {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(a)),
+            _mm256_castps_pd(b),
+        ))
+    }
+}
+
+/// The codes of superblocks `2p`, `2p + 1` (`len` bytes at `p`, the rest zero), one byte per
+/// weight, each half in the order of [`superblock_codes`].
+#[inline(always)]
+unsafe fn pair_codes<const B: usize>(p: *const u8, len: usize) -> [__m512i; 4] {
+    // SAFETY: the caller guarantees `len` readable bytes at `p` (masked loads read no more);
+    // AVX512F/BW/VL are enabled.
+    unsafe {
+        let z = _mm512_setzero_si512();
+        let full = |bytes: usize| len >= bytes;
+        let mask = |bytes: usize| (1u64 << len.min(bytes - 1)) - 1;
+        match B {
+            4 | 2 => {
+                let x = if full(64) {
+                    _mm512_loadu_si512(p as *const __m512i)
+                } else {
+                    _mm512_maskz_loadu_epi8(mask(64), p as *const i8)
+                };
+                if B == 4 {
+                    let m = _mm512_set1_epi8(0x0F);
+                    [
+                        _mm512_and_si512(x, m),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(x), m),
+                        z,
+                        z,
+                    ]
+                } else {
+                    let m = _mm512_set1_epi8(3);
+                    [
+                        _mm512_and_si512(x, m),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(x), m),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(x), m),
+                        _mm512_and_si512(_mm512_srli_epi16::<6>(x), m),
+                    ]
+                }
+            }
+            _ => {
+                // 16 bytes per superblock; 128-bit lanes [2p, 2p, 2p + 1, 2p + 1].
+                let y = if full(32) {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    _mm256_maskz_loadu_epi8(mask(32) as u32, p as *const i8)
+                };
+                let y = _mm512_castsi256_si512(y);
+                let x = _mm512_shuffle_i64x2::<0b01_01_00_00>(y, y);
+                let m = _mm512_set1_epi8(1);
+                let sh = |s: i32| {
+                    let t = s + 4;
+                    let by = _mm512_setr_epi32(s, s, s, s, t, t, t, t, s, s, s, s, t, t, t, t);
+                    _mm512_and_si512(_mm512_srlv_epi32(x, by), m)
+                };
+                [sh(0), sh(1), sh(2), sh(3)]
+            }
+        }
+    }
+}
+
+/// The superblock pairs of a GEMV tile of `NW` weight rows: `acc[r][0]` gets the lane sums of
+/// row `r` (the low and high halves added), as the 256-bit loop would leave them.
+///
+/// # Safety
+/// AVX512F/BW/VL and AVX512-VNNI must be available; the row pointers are those of
+/// [`q8_tile`] at the row starts, `pairs` the activation row's [`q8_pair_up`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_pairs<
+    const B: usize,
+    const MODE: u8,
+    const G: bool,
+    const NW: usize,
+    const MA: usize,
+>(
+    cx: &Q8,
+    j0: usize,
+    cp: &[*const u8; NW],
+    tp: &[*const u8; NW],
+    srow: &[*const u8; NW],
+    pairs: *const Acts2,
+    acc: &mut [[__m256; MA]; NW],
+) {
+    // SAFETY: pair p's codes are the row's bytes from 2p superblocks on, at most 2·sbb of them
+    // and never past the row (`pair_codes` masks the rest); the tables hold 16 bytes; the
+    // scale loads are masked to the row's groups.
+    unsafe {
+        let s = sb_blocks(B);
+        let sbb = s * cx.bb;
+        let pb = 2 * sbb;
+        let nsb = cx.nb.div_ceil(s);
+        let mut tz = [_mm512_setzero_si512(); NW];
+        if MODE == TABLE {
+            for r in 0..NW {
+                let t = _mm512_broadcast_i32x4(_mm_loadu_si128(tp[r] as *const __m128i));
+                tz[r] = _mm512_xor_si512(t, _mm512_set1_epi8(-128));
+            }
+        }
+        // The rows' group scales as f32, row r's from r·gpr (rows of a whole tile are
+        // contiguous: converted at once), then 16 zeros: every 16-lane load stays inside.
+        let mut sf = [const { core::mem::MaybeUninit::<f32>::uninit() }; 8 * 4 * ACTS_CAP + 16];
+        let sfp = sf.as_mut_ptr() as *mut f32;
+        if G {
+            debug_assert!(NW <= 8 && cx.gpr <= 4 * ACTS_CAP);
+            if j0 + NW <= cx.n {
+                f16_to_f32s(srow[0], NW * cx.gpr, sfp);
+            } else {
+                for r in 0..NW {
+                    f16_to_f32s(srow[r], cx.gpr, sfp.add(r * cx.gpr));
+                }
+            }
+            _mm512_storeu_ps(sfp.add(NW * cx.gpr), _mm512_setzero_ps());
+        }
+        let sfp = sfp as *const f32;
+        let mut accz = [_mm512_setzero_ps(); NW];
+        let ahead = (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb;
+        for p in 0..nsb.div_ceil(2) {
+            let a = &*pairs.add(p);
+            let off = p * pb;
+            let len = cx.rb - off;
+            prefetch_ahead(cx.codes, ahead, p * NW * pb, NW * pb);
+            // Rows one by one, unrolled by hand: a loop over `r` keeps the arrays in memory.
+            macro_rules! row {
+                ($($r:literal)*) => {$(
+                    if $r < NW {
+                        q8_pair_row::<B, MODE, G>(
+                            cx,
+                            cp[$r].add(off),
+                            len,
+                            tz[$r],
+                            sfp.add($r * cx.gpr),
+                            a,
+                            &mut accz[$r],
+                        );
+                    }
+                )*};
+            }
+            row!(0 1 2 3 4 5 6 7);
+            debug_assert!(NW <= 8);
+        }
+        for r in 0..NW {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(accz[r])));
+            acc[r][0] = _mm256_add_ps(_mm512_castps512_ps256(accz[r]), hi);
+        }
+    }
+}
+
+/// Converts `count` f16 at `src` to f32 at `dst`, 16 at a time (the last 16 from a masked load:
+/// `dst` gets `count` rounded up to 16 values, the extra ones zero).
+///
+/// # Safety
+/// `count` f16 readable at `src`, room for `count` rounded up to 16 f32 at `dst`; AVX512F/BW/VL
+/// enabled.
+#[inline(always)]
+unsafe fn f16_to_f32s(src: *const u8, count: usize, dst: *mut f32) {
+    // SAFETY: as the caller guarantees; the masked load reads only the `left` values.
+    unsafe {
+        for c in (0..count).step_by(16) {
+            let left = count - c;
+            let p = src.add(2 * c);
+            let h = if left >= 16 {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_maskz_loadu_epi16(((1u32 << left) - 1) as u16, p as *const i16)
+            };
+            _mm512_storeu_ps(dst.add(c), _mm512_cvtph_ps(h));
+        }
+    }
+}
+
+/// One weight row's pair `a` of superblocks: codes (`len` bytes left in the row at `cp`),
+/// looked up in `tz` for tables, times the activations, scaled (the row's group scales as f32
+/// at `sf`) into `acc`.
+///
+/// # Safety
+/// As for [`q8_pairs`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q8_pair_row<const B: usize, const MODE: u8, const G: bool>(
+    cx: &Q8,
+    cp: *const u8,
+    len: usize,
+    tz: __m512i,
+    sf: *const f32,
+    a: &Acts2,
+    acc: &mut __m512,
+) {
+    // SAFETY: as in `q8_pairs`.
+    unsafe {
+        let s = sb_blocks(B);
+        let mut w = pair_codes::<B>(cp, len);
+        if MODE == TABLE {
+            for v in w.iter_mut().take(s) {
+                *v = _mm512_shuffle_epi8(tz, *v);
+            }
+        }
+        let mut v = if MODE != AFFINE || cx.alpha == 1 {
+            a.bsq
+        } else {
+            _mm512_setzero_si512()
+        };
+        for k in 0..s {
+            v = _mm512_dpbusd_epi32(v, w[k], a.t[k]);
+        }
+        if MODE == AFFINE && cx.alpha != 1 {
+            v = _mm512_mullo_epi32(v, _mm512_set1_epi32(cx.alpha as i32));
+            v = _mm512_add_epi32(v, a.bsq);
+        }
+        let ds = if G {
+            let sv = _mm512_permutexvar_ps(a.gidx, _mm512_loadu_ps(sf.add(a.g0)));
+            _mm512_mul_ps(a.dv, sv)
+        } else {
+            a.dv
+        };
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, *acc);
     }
 }
 
@@ -988,9 +1519,11 @@ unsafe fn q8_tile<
     const MODE: u8,
     const ABS_W: bool,
     const SUM16: bool,
+    const DOT: u8,
     const G: bool,
     const NW: usize,
     const MA: usize,
+    const Z: bool,
 >(
     cx: &Q8,
     j0: usize,
@@ -998,6 +1531,7 @@ unsafe fn q8_tile<
     i0: usize,
     m: usize,
     pre: Option<*const Acts>,
+    pairs: *const Acts2,
 ) {
     // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
     // tables and scales, or activation row min(i0 + i, m − 1) (its Kp codes then Kp/32
@@ -1050,6 +1584,7 @@ unsafe fn q8_tile<
         let count = NW * cx.gpr;
         let vecs = count.div_ceil(8);
         let sf_ok = grouped
+            && !Z
             && count <= SCALES_CAP
             && j0 + NW <= n
             && (j0 * cx.gpr + 8 * vecs) <= n * cx.gpr;
@@ -1072,59 +1607,63 @@ unsafe fn q8_tile<
                 pp[i] = p.add(i * nsb);
             }
         }
-        for sb in 0..nfull {
-            if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
-                for r in 0..NW {
-                    sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
+        if Z {
+            q8_pairs::<B, MODE, G, NW, MA>(cx, j0, &cp, &tp, &srow, pairs, &mut acc);
+        } else {
+            for sb in 0..nfull {
+                if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
+                    for r in 0..NW {
+                        sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
+                    }
+                }
+                if MA == 1 {
+                    prefetch_ahead(
+                        cx.codes,
+                        (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
+                        sb * NW * sbb,
+                        NW * sbb,
+                    );
+                }
+                let prep = pre.map(|_| &pp);
+                q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
+                    cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
+                );
+                for p in cp.iter_mut() {
+                    *p = p.add(sbb);
+                }
+                for i in 0..MA {
+                    ap[i] = ap[i].add(s * BLOCK);
+                    dp[i] = dp[i].add(s);
+                    pp[i] = pp[i].wrapping_add(1);
                 }
             }
-            if MA == 1 {
-                prefetch_ahead(
-                    cx.codes,
-                    (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
-                    sb * NW * sbb,
-                    NW * sbb,
+            let valid = cx.nb - nfull * s;
+            if valid > 0 {
+                let mut cbuf = [[0u8; 32]; NW];
+                let mut abuf = [[0u8; 128]; MA];
+                let mut dbuf = [[0f32; 4]; MA];
+                for r in 0..NW {
+                    core::ptr::copy_nonoverlapping(cp[r], cbuf[r].as_mut_ptr(), valid * cx.bb);
+                    cp[r] = cbuf[r].as_ptr();
+                }
+                if pre.is_none() {
+                    for i in 0..MA {
+                        core::ptr::copy_nonoverlapping(ap[i], abuf[i].as_mut_ptr(), valid * BLOCK);
+                        core::ptr::copy_nonoverlapping(dp[i], dbuf[i].as_mut_ptr(), valid);
+                        ap[i] = abuf[i].as_ptr();
+                        dp[i] = dbuf[i].as_ptr();
+                    }
+                }
+                if grouped {
+                    for r in 0..NW {
+                        sv[r] = q8_scales::<B>(cx, srow[r], None, nfull * s, sbpg > 0);
+                    }
+                }
+                let prep = pre.map(|_| &pp);
+                q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
+                    cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
                 );
             }
-            let prep = pre.map(|_| &pp);
-            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
-                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
-            );
-            for p in cp.iter_mut() {
-                *p = p.add(sbb);
-            }
-            for i in 0..MA {
-                ap[i] = ap[i].add(s * BLOCK);
-                dp[i] = dp[i].add(s);
-                pp[i] = pp[i].wrapping_add(1);
-            }
-        }
-        let valid = cx.nb - nfull * s;
-        if valid > 0 {
-            let mut cbuf = [[0u8; 32]; NW];
-            let mut abuf = [[0u8; 128]; MA];
-            let mut dbuf = [[0f32; 4]; MA];
-            for r in 0..NW {
-                core::ptr::copy_nonoverlapping(cp[r], cbuf[r].as_mut_ptr(), valid * cx.bb);
-                cp[r] = cbuf[r].as_ptr();
-            }
-            if pre.is_none() {
-                for i in 0..MA {
-                    core::ptr::copy_nonoverlapping(ap[i], abuf[i].as_mut_ptr(), valid * BLOCK);
-                    core::ptr::copy_nonoverlapping(dp[i], dbuf[i].as_mut_ptr(), valid);
-                    ap[i] = abuf[i].as_ptr();
-                    dp[i] = dbuf[i].as_ptr();
-                }
-            }
-            if grouped {
-                for r in 0..NW {
-                    sv[r] = q8_scales::<B>(cx, srow[r], None, nfull * s, sbpg > 0);
-                }
-            }
-            let prep = pre.map(|_| &pp);
-            q8_step::<B, MODE, ABS_W, SUM16, G, NW, MA>(
-                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
-            );
         }
         // Per output: (Σ lanes) · lut_scale · (the row's scale when it has one).
         let factor = |j: usize| {
@@ -1134,32 +1673,38 @@ unsafe fn q8_tile<
             }
             f
         };
-        if NW == 4 && MA == 1 {
-            // GEMV tiles: the four outputs at once.
-            let sums = hsum4([acc[0][0], acc[1][0], acc[2][0], acc[3][0]]);
-            let f = if j0 + 4 <= n && (cx.rpt == 1 || cx.rpt >= n) {
-                let ls = if cx.rpt == 1 {
-                    _mm_loadu_ps(cx.lut_scale.add(4 * j0) as *const f32)
-                } else {
-                    _mm_set1_ps(f32_at(cx.lut_scale))
-                };
-                if grouped {
-                    ls
-                } else {
-                    _mm_mul_ps(
-                        ls,
-                        _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j0) as *const __m128i)),
-                    )
+        if NW.is_multiple_of(4) && MA == 1 {
+            // GEMV tiles: four outputs at once.
+            for q in (0..NW).step_by(4) {
+                let j = j0 + q;
+                if j >= n {
+                    break;
                 }
-            } else {
-                _mm_setr_ps(
-                    factor(row(0)),
-                    factor(row(1)),
-                    factor(row(2)),
-                    factor(row(3)),
-                )
-            };
-            cx.out.put4(i0, j0, n, _mm_mul_ps(sums, f));
+                let sums = hsum4([acc[q][0], acc[q + 1][0], acc[q + 2][0], acc[q + 3][0]]);
+                let f = if j + 4 <= n && (cx.rpt == 1 || cx.rpt >= n) {
+                    let ls = if cx.rpt == 1 {
+                        _mm_loadu_ps(cx.lut_scale.add(4 * j) as *const f32)
+                    } else {
+                        _mm_set1_ps(f32_at(cx.lut_scale))
+                    };
+                    if grouped {
+                        ls
+                    } else {
+                        _mm_mul_ps(
+                            ls,
+                            _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j) as *const __m128i)),
+                        )
+                    }
+                } else {
+                    _mm_setr_ps(
+                        factor(row(q)),
+                        factor(row(q + 1)),
+                        factor(row(q + 2)),
+                        factor(row(q + 3)),
+                    )
+                };
+                cx.out.put4(i0, j, n, _mm_mul_ps(sums, f));
+            }
         } else {
             for r in 0..NW {
                 let j = j0 + r;
