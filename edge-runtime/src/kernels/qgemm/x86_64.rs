@@ -1068,21 +1068,29 @@ unsafe fn q8_dot<
                 AVX_VNNI => _mm256_dpbusd_avx_epi32(acc, w[k], a.t[k]),
                 _ => _mm256_dpbusd_epi32(acc, w[k], a.t[k]),
             };
-            if MODE != AFFINE || cx.alpha == 1 {
-                let mut v = dp(a.bsq, 0);
-                for k in 1..s {
-                    v = dp(v, k);
+            // Two chains of `vpdpbusd` (even and odd blocks): one chain of four waits on its
+            // latency in batch tiles.
+            let plain = MODE != AFFINE || cx.alpha == 1;
+            let z = _mm256_setzero_si256();
+            let (mut v0, mut v1) = (if plain { a.bsq } else { z }, z);
+            for k in 0..s {
+                if k % 2 == 0 {
+                    v0 = dp(v0, k);
+                } else {
+                    v1 = dp(v1, k);
                 }
-                return v;
             }
-            let mut v = dp(_mm256_setzero_si256(), 0);
-            for k in 1..s {
-                v = dp(v, k);
+            let mut v = if s > 1 { _mm256_add_epi32(v0, v1) } else { v0 };
+            if !plain {
+                v = if cx.alpha > 0 && cx.alpha.count_ones() == 1 {
+                    let by = _mm_cvtsi32_si128(cx.alpha.trailing_zeros() as i32);
+                    _mm256_sll_epi32(v, by)
+                } else {
+                    _mm256_mullo_epi32(v, _mm256_set1_epi32(cx.alpha as i32))
+                };
+                v = _mm256_add_epi32(v, a.bsq);
             }
-            if cx.alpha != 1 {
-                v = _mm256_mullo_epi32(v, _mm256_set1_epi32(cx.alpha as i32));
-            }
-            return _mm256_add_epi32(v, a.bsq);
+            return v;
         }
         let prod = |k: usize| -> __m256i {
             match MODE {
@@ -1453,16 +1461,24 @@ unsafe fn q8_pair_row<const B: usize, const MODE: u8, const G: bool>(
                 *v = _mm512_shuffle_epi8(tz, *v);
             }
         }
-        let mut v = if MODE != AFFINE || cx.alpha == 1 {
-            a.bsq
-        } else {
-            _mm512_setzero_si512()
-        };
+        // Two chains of `vpdpbusd`, as in `q8_dot`.
+        let plain = MODE != AFFINE || cx.alpha == 1;
+        let z = _mm512_setzero_si512();
+        let (mut v0, mut v1) = (if plain { a.bsq } else { z }, z);
         for k in 0..s {
-            v = _mm512_dpbusd_epi32(v, w[k], a.t[k]);
+            if k % 2 == 0 {
+                v0 = _mm512_dpbusd_epi32(v0, w[k], a.t[k]);
+            } else {
+                v1 = _mm512_dpbusd_epi32(v1, w[k], a.t[k]);
+            }
         }
-        if MODE == AFFINE && cx.alpha != 1 {
-            v = _mm512_mullo_epi32(v, _mm512_set1_epi32(cx.alpha as i32));
+        let mut v = if s > 1 { _mm512_add_epi32(v0, v1) } else { v0 };
+        if !plain {
+            v = if cx.alpha > 0 && cx.alpha.count_ones() == 1 {
+                _mm512_sll_epi32(v, _mm_cvtsi32_si128(cx.alpha.trailing_zeros() as i32))
+            } else {
+                _mm512_mullo_epi32(v, _mm512_set1_epi32(cx.alpha as i32))
+            };
             v = _mm512_add_epi32(v, a.bsq);
         }
         let ds = if G {
