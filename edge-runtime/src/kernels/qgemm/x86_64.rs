@@ -2,7 +2,7 @@
 //! falls back to [`super::generic`] without them), and AVX-VNNI / AVX512-VNNI versions of the
 //! int8-activation products.
 //!
-//! # int8 activations ([`qgemm_q8`], [`qgemm_q8_avx_vnni`], [`qgemm_q8_avx512`])
+//! # int8 activations ([`qgemm_q8`], and [`qgemm_q8_best`] with `vpdpbusd`)
 //!
 //! Codes are unpacked to one byte per weight and multiplied with the int8 activations in
 //! `maddubs` (u8 × i8 pairs → i16) and `madd` (→ i32) — the integer sums are exactly the
@@ -567,9 +567,10 @@ pub fn qgemm_q8(
     q8_with(MADDUBS, w, rows, m, c, c_rs, c_cs, bias, act)
 }
 
-/// [`qgemm_q8`] with AVX-VNNI's `vpdpbusd`; without it, [`qgemm_q8`] itself.
+/// [`qgemm_q8`] with the `vpdpbusd` of `DOT` (AVX-VNNI, or AVX512-VNNI: 256-bit registers, and
+/// GEMVs of 1-, 2- and 4-bit codes on 512-bit ones); on a CPU without it, [`qgemm_q8`] itself.
 #[allow(clippy::too_many_arguments)]
-pub fn qgemm_q8_avx_vnni(
+fn qgemm_q8_dot<const DOT: u8>(
     w: &QWeights<'_>,
     rows: &[u8],
     m: usize,
@@ -579,48 +580,28 @@ pub fn qgemm_q8_avx_vnni(
     bias: Option<&[f32]>,
     act: Activation,
 ) {
-    let dot = if crate::kernels::x86_64_has_avx_vnni() {
-        AVX_VNNI
-    } else {
-        MADDUBS
-    };
+    let dot = if has_dot(DOT) { DOT } else { MADDUBS };
     q8_with(dot, w, rows, m, c, c_rs, c_cs, bias, act)
 }
 
-/// [`qgemm_q8`] with AVX512-VNNI: `vpdpbusd` on 256-bit registers, and GEMVs of 1-, 2- and
-/// 4-bit codes on 512-bit ones; without AVX512F/BW/VL/VNNI, [`qgemm_q8`] itself.
-#[allow(clippy::too_many_arguments)]
-pub fn qgemm_q8_avx512(
-    w: &QWeights<'_>,
-    rows: &[u8],
-    m: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    c_cs: usize,
-    bias: Option<&[f32]>,
-    act: Activation,
-) {
-    let dot = if crate::kernels::x86_64_has_avx512_vnni() {
-        AVX512_VNNI
-    } else {
-        MADDUBS
-    };
-    q8_with(dot, w, rows, m, c, c_rs, c_cs, bias, act)
+/// True when this CPU has the multiply instructions of `dot`.
+fn has_dot(dot: u8) -> bool {
+    match dot {
+        AVX_VNNI => crate::kernels::x86_64_has_avx_vnni(),
+        AVX512_VNNI => crate::kernels::x86_64_has_avx512_vnni(),
+        _ => true,
+    }
 }
 
 /// The int8-activation kernels, their names and whether this CPU runs them, fastest first.
 fn q8_kernels() -> [(super::QGemmQ8Fn, &'static str, bool); 3] {
     [
         (
-            qgemm_q8_avx512,
+            qgemm_q8_dot::<AVX512_VNNI>,
             NAME_AVX512,
-            crate::kernels::x86_64_has_avx512_vnni(),
+            has_dot(AVX512_VNNI),
         ),
-        (
-            qgemm_q8_avx_vnni,
-            NAME_AVX_VNNI,
-            crate::kernels::x86_64_has_avx_vnni(),
-        ),
+        (qgemm_q8_dot::<AVX_VNNI>, NAME_AVX_VNNI, has_dot(AVX_VNNI)),
         (qgemm_q8, NAME, true),
     ]
 }
