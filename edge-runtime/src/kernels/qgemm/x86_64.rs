@@ -29,13 +29,15 @@
 //! accumulator's start — no sign trick, no i16 intermediate.
 //!
 //! Tiles: 4 weight rows × 1 activation row for GEMV (8 with `vpdpbusd`), 2 × 4 otherwise.
-//! With AVX512-VNNI, GEMVs of 1-, 2- and 4-bit codes hold two consecutive superblocks of a row
-//! in one 512-bit register (the activations prepared in pairs, with each lane's group index so
-//! that scales need no division), 8 weight rows per tile, and the row's codes read with a masked
-//! load at its end. The activation side of a
-//! superblock (permuted codes, `|q|` or `β·Σq`, per-lane `d`) is prepared once per activation
-//! tile in a bounded stack buffer and shared by every weight row (rows too long for it prepare it
-//! per tile). Each output's arithmetic is the same whatever tile computes it, so threaded and
+//! With AVX512-VNNI, GEMVs of 1-, 2- and 4-bit codes hold the same superblock of two weight
+//! rows in one 512-bit register (the activation superblock copied into both halves, with each
+//! lane's group index so that scales need no division), 16 weight rows per tile, the tile's
+//! group scales converted to f32 during the tile before (loads right behind the stores they
+//! read stall), and a row's last, partial superblock read with a masked load.
+//!
+//! The activation side of a superblock (permuted codes, `|q|` or `β·Σq`, per-lane `d`) is
+//! prepared once per activation tile in a bounded stack buffer and shared by every weight row
+//! (rows too long for it prepare it per tile). Each output's arithmetic is the same whatever tile computes it, so threaded and
 //! single-threaded runs agree bit for bit. Rows are padded with zeros to whole blocks, so only
 //! the last superblock of a row can be partial; it is read from zero-padded copies.
 //!
@@ -835,32 +837,52 @@ unsafe fn q8_tiles<
     unsafe {
         let nsb = cx.nb.div_ceil(sb_blocks(B));
         let mut buf = [const { core::mem::MaybeUninit::<Acts>::uninit() }; ACTS_CAP];
-        // AVX-512 GEMV: two superblocks per zmm register (1, 2 and 4 bits, byte tables or
+        // AVX-512 GEMV: two weight rows per zmm register (1, 2 and 4 bits, byte tables or
         // affine codes).
         let zmm = DOT == AVX512_VNNI && matches!(B, 1 | 2 | 4) && MODE != LINEAR8;
-        let mut pairs = [const { core::mem::MaybeUninit::<Acts2>::uninit() }; ACTS_CAP / 2];
+        let mut dup = [const { core::mem::MaybeUninit::<Acts2>::uninit() }; ACTS_CAP];
+        let mut sfb = [const { core::mem::MaybeUninit::<f32>::uninit() }; 2 * ZMM_SCALES];
         if m < 4 {
             for i in 0..m {
                 let pre = (nsb <= ACTS_CAP)
                     .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 1, m, &mut buf));
-                let none = core::ptr::null();
                 if let (true, Some(pre)) = (zmm, pre) {
-                    let pairs = q8_pair_up::<B>(cx, pre, nsb, &mut pairs);
-                    for j in (0..n).step_by(8) {
-                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1, true>(
-                            cx, j, n, i, m, None, pairs,
+                    let acts = q8_dup::<B>(cx, pre, nsb, &mut dup);
+                    // Each tile's scales are converted during the tile before: loads right
+                    // after the stores they read would wait for them to drain.
+                    let sf0 = sfb.as_mut_ptr() as *mut f32;
+                    let sf = |t: usize| sf0.add(t % 2 * ZMM_SCALES);
+                    if G {
+                        zmm_scales(cx, 0, sf(0));
+                    }
+                    for (t, j) in (0..n).step_by(ZMM_ROWS).enumerate() {
+                        if G && j + ZMM_ROWS < n {
+                            zmm_scales(cx, j + ZMM_ROWS, sf(t + 1));
+                        }
+                        let z = ZTile {
+                            acts,
+                            scales: sf(t),
+                        };
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, ZMM_ROWS, 1, true>(
+                            cx,
+                            j,
+                            n,
+                            i,
+                            m,
+                            None,
+                            Some(z),
                         );
                     }
                 } else if DOT == MADDUBS {
                     for j in (0..n).step_by(4) {
                         q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 4, 1, false>(
-                            cx, j, n, i, m, pre, none,
+                            cx, j, n, i, m, pre, None,
                         );
                     }
                 } else {
                     for j in (0..n).step_by(8) {
                         q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1, false>(
-                            cx, j, n, i, m, pre, none,
+                            cx, j, n, i, m, pre, None,
                         );
                     }
                 }
@@ -871,19 +893,19 @@ unsafe fn q8_tiles<
                     .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 4, m, &mut buf));
                 for j in (0..n).step_by(2) {
                     q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 2, 4, false>(
-                        cx,
-                        j,
-                        n,
-                        i,
-                        m,
-                        pre,
-                        core::ptr::null(),
+                        cx, j, n, i, m, pre, None,
                     );
                 }
             }
         }
     }
 }
+
+/// Weight rows per AVX-512 GEMV tile (two per register).
+const ZMM_ROWS: usize = 16;
+
+/// Room for the group scales of one AVX-512 GEMV tile as f32, and 16 zeros after them.
+const ZMM_SCALES: usize = ZMM_ROWS * 4 * ACTS_CAP + 16;
 
 /// Activation superblocks prepared once per activation tile (in a stack buffer of
 /// `ACTS_CAP · 320` bytes) and shared by every weight row; longer rows prepare them per tile.
@@ -1170,66 +1192,55 @@ unsafe fn q8_step<
 }
 
 // ---------------------------------------------------------------------------------------------
-// int8 activations, AVX-512 GEMV: two superblocks per zmm register
+// int8 activations, AVX-512 GEMV: two weight rows per zmm register
 // ---------------------------------------------------------------------------------------------
 
-/// Activation superblocks `2p` (low 256 bits) and `2p + 1` (high) of one row, ready to multiply.
+/// One activation superblock in both 256-bit halves of a zmm register, each half meeting one
+/// of two weight rows, ready to multiply.
 #[derive(Clone, Copy)]
 struct Acts2 {
     t: [__m512i; 4],
     /// As [`Acts::bsq`] (`vpdpbusd` modes).
     bsq: __m512i,
     dv: __m512,
-    /// The first group of the pair and for each lane the index of its group from there (no
-    /// division per tile).
+    /// The superblock's first group, and for each lane the index of its group's scale among
+    /// the 16 scales from `g0` on of the low half's row (0..16) and of the high half's (16..32).
     g0: usize,
     gidx: __m512i,
 }
 
-/// Joins one activation row's prepared superblocks (`nsb` from `pre`) in pairs into `buf`, the
-/// last one with zeros when `nsb` is odd (zero activations, scales and sums add nothing).
+/// Copies one activation row's prepared superblocks (`nsb` from `pre`) into both halves of
+/// `buf`'s registers.
 ///
 /// # Safety
 /// AVX512F must be available; `pre` must hold `nsb ≤ ACTS_CAP` prepared superblocks.
 #[inline(always)]
-unsafe fn q8_pair_up<const B: usize>(
+unsafe fn q8_dup<const B: usize>(
     cx: &Q8,
     pre: *const Acts,
     nsb: usize,
-    buf: &mut [core::mem::MaybeUninit<Acts2>; ACTS_CAP / 2],
+    buf: &mut [core::mem::MaybeUninit<Acts2>; ACTS_CAP],
 ) -> *const Acts2 {
-    // SAFETY: entries 2p, 2p + 1 < nsb of `pre` are prepared; p < nsb/2 ≤ ACTS_CAP / 2.
+    // SAFETY: entries sb < nsb ≤ ACTS_CAP of `pre` are prepared.
     unsafe {
-        let zi = _mm256_setzero_si256();
-        let zero = Acts {
-            t: [zi; 4],
-            aq: [zi; 4],
-            bsq: zi,
-            dv: _mm256_setzero_ps(),
-        };
-        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+        let dup = |a: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), a);
         let s = sb_blocks(B);
         let mut lanes = [0i32; 8];
         _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, lane_blocks::<B>());
-        for p in 0..nsb.div_ceil(2) {
-            // Blocks past the row (a partial or missing superblock) take the last block's
-            // group: their products are zero, their scales must merely be finite.
+        for sb in 0..nsb {
+            // Blocks past the row (a partial superblock) take the last block's group: their
+            // products are zero, their scales must merely be finite.
             let group = |blk: usize| blk.min(cx.nb - 1) / cx.bpg;
-            let g0 = group(2 * p * s);
+            let g0 = group(sb * s);
             let mut gidx = [0i32; 16];
             for (l, g) in gidx.iter_mut().enumerate() {
-                *g = (group((2 * p + l / 8) * s + lanes[l % 8] as usize) - g0) as i32;
+                *g = (group(sb * s + lanes[l % 8] as usize) - g0 + l / 8 * 16) as i32;
             }
-            let a = &*pre.add(2 * p);
-            let b = if 2 * p + 1 < nsb {
-                &*pre.add(2 * p + 1)
-            } else {
-                &zero
-            };
-            buf[p].write(Acts2 {
-                t: core::array::from_fn(|k| join(a.t[k], b.t[k])),
-                bsq: join(a.bsq, b.bsq),
-                dv: join_ps(a.dv, b.dv),
+            let a = &*pre.add(sb);
+            buf[sb].write(Acts2 {
+                t: core::array::from_fn(|k| dup(a.t[k])),
+                bsq: dup(a.bsq),
+                dv: join_ps(a.dv, a.dv),
                 g0,
                 gidx: _mm512_loadu_si512(gidx.as_ptr() as *const __m512i),
             });
@@ -1250,23 +1261,32 @@ unsafe fn join_ps(a: __m256, b: __m256) -> __m512 {
     }
 }
 
-/// The codes of superblocks `2p`, `2p + 1` (`len` bytes at `p`, the rest zero), one byte per
-/// weight, each half in the order of [`superblock_codes`].
+/// The codes of one superblock of two weight rows, one byte per weight: row `p0`'s in the low
+/// 256 bits, row `p1`'s in the high, each in the order of [`superblock_codes`], but with the
+/// odd planes masked in place instead of shifted down: 4·code for 2-bit codes, 2·code for
+/// 1-bit ones (fewer shifts). With `PART`,
+/// only `len` bytes of each row are read (the superblock at a row's end), the rest is zero.
 #[inline(always)]
-unsafe fn pair_codes<const B: usize>(p: *const u8, len: usize) -> [__m512i; 4] {
-    // SAFETY: the caller guarantees `len` readable bytes at `p` (masked loads read no more);
-    // AVX512F/BW/VL are enabled.
+unsafe fn rowpair_codes<const B: usize, const PART: bool>(
+    p0: *const u8,
+    p1: *const u8,
+    len: usize,
+) -> [__m512i; 4] {
+    // SAFETY: the caller guarantees a superblock's bytes (`len` with `PART`) at `p0` and `p1`;
+    // the masked loads read no more; AVX512F/BW/VL are enabled.
     unsafe {
         let z = _mm512_setzero_si512();
-        let full = |bytes: usize| len >= bytes;
-        let mask = |bytes: usize| (1u64 << len.min(bytes - 1)) - 1;
+        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
         match B {
             4 | 2 => {
-                let x = if full(64) {
-                    _mm512_loadu_si512(p as *const __m512i)
-                } else {
-                    _mm512_maskz_loadu_epi8(mask(64), p as *const i8)
+                let load = |p: *const u8| {
+                    if PART {
+                        _mm256_maskz_loadu_epi8(((1u64 << len) - 1) as u32, p as *const i8)
+                    } else {
+                        _mm256_loadu_si256(p as *const __m256i)
+                    }
                 };
+                let x = join(load(p0), load(p1));
                 if B == 4 {
                     let m = _mm512_set1_epi8(0x0F);
                     [
@@ -1276,120 +1296,205 @@ unsafe fn pair_codes<const B: usize>(p: *const u8, len: usize) -> [__m512i; 4] {
                         z,
                     ]
                 } else {
-                    let m = _mm512_set1_epi8(3);
+                    // Odd planes masked in place, not shifted down: 4·code.
+                    let (m0, m1) = (_mm512_set1_epi8(3), _mm512_set1_epi8(0x0C));
+                    let y = _mm512_srli_epi16::<4>(x);
                     [
-                        _mm512_and_si512(x, m),
-                        _mm512_and_si512(_mm512_srli_epi16::<2>(x), m),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(x), m),
-                        _mm512_and_si512(_mm512_srli_epi16::<6>(x), m),
+                        _mm512_and_si512(x, m0),
+                        _mm512_and_si512(x, m1),
+                        _mm512_and_si512(y, m0),
+                        _mm512_and_si512(y, m1),
                     ]
                 }
             }
             _ => {
-                // 16 bytes per superblock; 128-bit lanes [2p, 2p, 2p + 1, 2p + 1].
-                let y = if full(32) {
-                    _mm256_loadu_si256(p as *const __m256i)
-                } else {
-                    _mm256_maskz_loadu_epi8(mask(32) as u32, p as *const i8)
+                // 16 bytes per row; 128-bit lanes [p0, p0, p1, p1], shifted by s and s + 4.
+                let load = |p: *const u8| {
+                    let x = if PART {
+                        _mm_maskz_loadu_epi8(((1u32 << len) - 1) as u16, p as *const i8)
+                    } else {
+                        _mm_loadu_si128(p as *const __m128i)
+                    };
+                    _mm256_broadcastsi128_si256(x)
                 };
-                let y = _mm512_castsi256_si512(y);
-                let x = _mm512_shuffle_i64x2::<0b01_01_00_00>(y, y);
-                let m = _mm512_set1_epi8(1);
-                let sh = |s: i32| {
-                    let t = s + 4;
-                    let by = _mm512_setr_epi32(s, s, s, s, t, t, t, t, s, s, s, s, t, t, t, t);
-                    _mm512_and_si512(_mm512_srlv_epi32(x, by), m)
-                };
-                [sh(0), sh(1), sh(2), sh(3)]
+                let x = join(load(p0), load(p1));
+                let by = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
+                let y = _mm512_srlv_epi32(x, by);
+                let y2 = _mm512_srli_epi32::<2>(y);
+                // Odd planes masked in place: 2·code.
+                let (m0, m1) = (_mm512_set1_epi8(1), _mm512_set1_epi8(2));
+                [
+                    _mm512_and_si512(y, m0),
+                    _mm512_and_si512(y, m1),
+                    _mm512_and_si512(y2, m0),
+                    _mm512_and_si512(y2, m1),
+                ]
             }
         }
     }
 }
 
-/// The superblock pairs of a GEMV tile of `NW` weight rows: `acc[r][0]` gets the lane sums of
-/// row `r` (the low and high halves added), as the 256-bit loop would leave them.
+/// A GEMV tile of `NW` weight rows, two rows per register: `acc[r][0]` gets the lane sums of
+/// row `r`, as the 256-bit loop would leave them. `PLAIN`: no affine step to apply (α = 1).
 ///
 /// # Safety
 /// AVX512F/BW/VL and AVX512-VNNI must be available; the row pointers are those of
-/// [`q8_tile`] at the row starts, `pairs` the activation row's [`q8_pair_up`].
+/// [`q8_tile`] at the row starts, `acts` the activation row's [`q8_dup`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_pairs<
+unsafe fn q8_rowpairs<
     const B: usize,
     const MODE: u8,
     const G: bool,
+    const PLAIN: bool,
     const NW: usize,
-    const MA: usize,
 >(
     cx: &Q8,
     j0: usize,
+    i0: usize,
     cp: &[*const u8; NW],
     tp: &[*const u8; NW],
-    srow: &[*const u8; NW],
-    pairs: *const Acts2,
-    acc: &mut [[__m256; MA]; NW],
+    z: ZTile,
 ) {
-    // SAFETY: pair p's codes are the row's bytes from 2p superblocks on, at most 2·sbb of them
-    // and never past the row (`pair_codes` masks the rest); the tables hold 16 bytes; the
-    // scale loads are masked to the row's groups.
+    // SAFETY: superblock sb's codes are the row's bytes from sb·sbb on, sbb of them but for
+    // the last, partial one (its `len` bytes, masked); the tables hold 16 bytes; the scale
+    // loads stay inside `z.scales` (16 zeros follow the tile's scales).
     unsafe {
         let s = sb_blocks(B);
         let sbb = s * cx.bb;
-        let pb = 2 * sbb;
-        let nsb = cx.nb.div_ceil(s);
-        let mut tz = [_mm512_setzero_si512(); NW];
+        let nfull = cx.nb / s;
+        debug_assert_eq!(NW, ZMM_ROWS);
+        let pairs = NW / 2;
+        let mut tz = [_mm512_setzero_si512(); 8];
         if MODE == TABLE {
-            for r in 0..NW {
-                let t = _mm512_broadcast_i32x4(_mm_loadu_si128(tp[r] as *const __m128i));
-                tz[r] = _mm512_xor_si512(t, _mm512_set1_epi8(-128));
+            // Entry 4c (2 bits) or 2c (1 bit) repeats entry c, for the odd planes.
+            let spread = match B {
+                2 => _mm_setr_epi8(0, 1, 2, 3, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                _ => _mm_setr_epi8(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+            };
+            let table = |r: usize| {
+                let t = _mm_loadu_si128(tp[r] as *const __m128i);
+                let t = if B < 4 {
+                    _mm_shuffle_epi8(t, spread)
+                } else {
+                    t
+                };
+                _mm256_broadcastsi128_si256(t)
+            };
+            for q in 0..pairs {
+                let t =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(table(2 * q)), table(2 * q + 1));
+                tz[q] = _mm512_xor_si512(t, _mm512_set1_epi8(-128));
             }
         }
-        // The rows' group scales as f32, row r's from r·gpr (rows of a whole tile are
-        // contiguous: converted at once), then 16 zeros: every 16-lane load stays inside.
-        let mut sf = [const { core::mem::MaybeUninit::<f32>::uninit() }; 8 * 4 * ACTS_CAP + 16];
-        let sfp = sf.as_mut_ptr() as *mut f32;
-        if G {
-            debug_assert!(NW <= 8 && cx.gpr <= 4 * ACTS_CAP);
-            if j0 + NW <= cx.n {
-                f16_to_f32s(srow[0], NW * cx.gpr, sfp);
-            } else {
-                for r in 0..NW {
-                    f16_to_f32s(srow[r], cx.gpr, sfp.add(r * cx.gpr));
-                }
-            }
-            _mm512_storeu_ps(sfp.add(NW * cx.gpr), _mm512_setzero_ps());
-        }
-        let sfp = sfp as *const f32;
-        let mut accz = [_mm512_setzero_ps(); NW];
+        let (acts, sfp) = (z.acts, z.scales);
+        let mut accz = [_mm512_setzero_ps(); 8];
         let ahead = (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb;
-        for p in 0..nsb.div_ceil(2) {
-            let a = &*pairs.add(p);
-            let off = p * pb;
-            let len = cx.rb - off;
-            prefetch_ahead(cx.codes, ahead, p * NW * pb, NW * pb);
-            // Rows one by one, unrolled by hand: a loop over `r` keeps the arrays in memory.
-            macro_rules! row {
-                ($($r:literal)*) => {$(
-                    if $r < NW {
-                        q8_pair_row::<B, MODE, G>(
+        // Row pairs one by one, unrolled by hand: a loop keeps the arrays in memory.
+        macro_rules! superblock {
+            ($part:literal, $sb:expr, $len:expr, $($q:literal)*) => {{
+                let (a, off, len) = (&*acts.add($sb), $sb * sbb, $len);
+                $(
+                    if $q < pairs {
+                        q8_rowpair::<B, MODE, G, PLAIN, $part>(
                             cx,
-                            cp[$r].add(off),
+                            cp[2 * $q].add(off),
+                            cp[2 * $q + 1].add(off),
                             len,
-                            tz[$r],
-                            sfp.add($r * cx.gpr),
+                            tz[$q],
+                            sfp.add(2 * $q * cx.gpr),
+                            sfp.add((2 * $q + 1) * cx.gpr),
                             a,
-                            &mut accz[$r],
+                            &mut accz[$q],
                         );
                     }
-                )*};
+                )*
+            }};
+        }
+        for sb in 0..nfull {
+            prefetch_ahead(cx.codes, ahead, sb * NW * sbb, NW * sbb);
+            superblock!(false, sb, sbb, 0 1 2 3 4 5 6 7);
+        }
+        if nfull * s < cx.nb {
+            superblock!(true, nfull, cx.rb - nfull * sbb, 0 1 2 3 4 5 6 7);
+        }
+        zmm_out::<G>(cx, i0, j0, &accz);
+    }
+}
+
+/// Writes the outputs of an AVX-512 GEMV tile: rows `j0..j0 + 16` (those below n), row 2q's
+/// lane sums in the low half of `accz[q]` and row 2q + 1's in the high, times their factors.
+///
+/// # Safety
+/// As for [`q8_rowpairs`], with `ZMM_ROWS` = 16.
+#[inline(always)]
+unsafe fn zmm_out<const G: bool>(cx: &Q8, i0: usize, j0: usize, accz: &[__m512; 8]) {
+    // SAFETY: register-only AVX-512 operations, then `put4` of outputs below n.
+    unsafe {
+        // Adjacent elements added: [a0+a1, a2+a3, b0+b1, b2+b3] per 128-bit lane.
+        let fold = |a: __m512, b: __m512| {
+            let even = _mm512_shuffle_ps::<0b10_00_10_00>(a, b);
+            let odd = _mm512_shuffle_ps::<0b11_01_11_01>(a, b);
+            _mm512_add_ps(even, odd)
+        };
+        let f1: [__m512; 4] = core::array::from_fn(|q| fold(accz[2 * q], accz[2 * q + 1]));
+        // Lane l of `four(a..d)`: the sums of lane l of accz[4h..4h + 4]; then each row's two
+        // lanes added (lanes 0 + 1: the low rows, 2 + 3: the high rows).
+        let four = |a: __m512, b: __m512| {
+            let x = fold(a, b);
+            _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b10_11_00_01>(x, x))
+        };
+        let (h0, h1) = (four(f1[0], f1[1]), four(f1[2], f1[3]));
+        // Rows 0 2 4 6 1 3 5 7 8 10 12 14 9 11 13 15, then in order.
+        let sums = _mm512_shuffle_f32x4::<0b10_00_10_00>(h0, h1);
+        let order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+        let sums = _mm512_permutexvar_ps(order, sums);
+        let quads = [
+            _mm512_castps512_ps128(sums),
+            _mm512_extractf32x4_ps::<1>(sums),
+            _mm512_extractf32x4_ps::<2>(sums),
+            _mm512_extractf32x4_ps::<3>(sums),
+        ];
+        for (q, v) in quads.into_iter().enumerate() {
+            let j = j0 + 4 * q;
+            if j >= cx.n {
+                break;
             }
-            row!(0 1 2 3 4 5 6 7);
-            debug_assert!(NW <= 8);
+            cx.out
+                .put4(i0, j, cx.n, _mm_mul_ps(v, factors4::<G>(cx, j)));
         }
-        for r in 0..NW {
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(accz[r])));
-            acc[r][0] = _mm256_add_ps(_mm512_castps512_ps256(accz[r]), hi);
+    }
+}
+
+/// The activation row and the tile's scales of an AVX-512 GEMV tile.
+#[derive(Clone, Copy)]
+struct ZTile {
+    /// The activation row's superblocks ([`q8_dup`]).
+    acts: *const Acts2,
+    /// The group scales of the tile's rows as f32 ([`zmm_scales`]).
+    scales: *const f32,
+}
+
+/// Converts the group scales of weight rows `j0..j0 + ZMM_ROWS` (clamped to the last row) to
+/// f32 at `dst`, row r's from r·gpr (the rows of a whole tile are contiguous: converted at
+/// once), then 16 zeros: every 16-lane load from a row's groups stays inside.
+///
+/// # Safety
+/// AVX512F/BW/VL must be available; `cx.gpr ≤ 4 · ACTS_CAP`, `dst` holds `ZMM_SCALES` f32.
+#[inline(always)]
+unsafe fn zmm_scales(cx: &Q8, j0: usize, dst: *mut f32) {
+    // SAFETY: rows min(j0 + r, n − 1) < n hold gpr scales each (checked in `qgemm_q8`).
+    unsafe {
+        debug_assert!(cx.gpr <= 4 * ACTS_CAP);
+        let srow = |r: usize| cx.scales.add((j0 + r).min(cx.n - 1) * cx.gpr * 2);
+        if j0 + ZMM_ROWS <= cx.n {
+            f16_to_f32s(srow(0), ZMM_ROWS * cx.gpr, dst);
+        } else {
+            for r in 0..ZMM_ROWS {
+                f16_to_f32s(srow(r), cx.gpr, dst.add(r * cx.gpr));
+            }
         }
+        _mm512_storeu_ps(dst.add(ZMM_ROWS * cx.gpr), _mm512_setzero_ps());
     }
 }
 
@@ -1416,36 +1521,43 @@ unsafe fn f16_to_f32s(src: *const u8, count: usize, dst: *mut f32) {
     }
 }
 
-/// One weight row's pair `a` of superblocks: codes (`len` bytes left in the row at `cp`),
-/// looked up in `tz` for tables, times the activations, scaled (the row's group scales as f32
-/// at `sf`) into `acc`.
+/// One superblock `a` of two weight rows (codes at `p0`, `p1`; `len` bytes with `PART`),
+/// looked up in `tz` for tables, times the activations, scaled (the rows' group scales as f32
+/// at `sf0`, `sf1`) into `acc`.
 ///
 /// # Safety
-/// As for [`q8_pairs`].
+/// As for [`q8_rowpairs`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn q8_pair_row<const B: usize, const MODE: u8, const G: bool>(
+unsafe fn q8_rowpair<
+    const B: usize,
+    const MODE: u8,
+    const G: bool,
+    const PLAIN: bool,
+    const PART: bool,
+>(
     cx: &Q8,
-    cp: *const u8,
+    p0: *const u8,
+    p1: *const u8,
     len: usize,
     tz: __m512i,
-    sf: *const f32,
+    sf0: *const f32,
+    sf1: *const f32,
     a: &Acts2,
     acc: &mut __m512,
 ) {
-    // SAFETY: as in `q8_pairs`.
+    // SAFETY: as in `q8_rowpairs`.
     unsafe {
         let s = sb_blocks(B);
-        let mut w = pair_codes::<B>(cp, len);
+        let mut w = rowpair_codes::<B, PART>(p0, p1, len);
         if MODE == TABLE {
             for v in w.iter_mut().take(s) {
                 *v = _mm512_shuffle_epi8(tz, *v);
             }
         }
         // Two chains of `vpdpbusd`, as in `q8_dot`.
-        let plain = MODE != AFFINE || cx.alpha == 1;
         let z = _mm512_setzero_si512();
-        let (mut v0, mut v1) = (if plain { a.bsq } else { z }, z);
+        let (mut v0, mut v1) = (if PLAIN { a.bsq } else { z }, z);
         for k in 0..s {
             if k % 2 == 0 {
                 v0 = _mm512_dpbusd_epi32(v0, w[k], a.t[k]);
@@ -1453,8 +1565,16 @@ unsafe fn q8_pair_row<const B: usize, const MODE: u8, const G: bool>(
                 v1 = _mm512_dpbusd_epi32(v1, w[k], a.t[k]);
             }
         }
+        // Affine codes: the odd planes' sums are 4·Σ c·q (2 bits) or 2·Σ c·q (1 bit).
+        if MODE == AFFINE {
+            match B {
+                2 => v1 = _mm512_srai_epi32::<2>(v1),
+                1 => v1 = _mm512_srai_epi32::<1>(v1),
+                _ => {}
+            }
+        }
         let mut v = if s > 1 { _mm512_add_epi32(v0, v1) } else { v0 };
-        if !plain {
+        if !PLAIN {
             v = if cx.alpha > 0 && cx.alpha.count_ones() == 1 {
                 _mm512_sll_epi32(v, _mm_cvtsi32_si128(cx.alpha.trailing_zeros() as i32))
             } else {
@@ -1463,8 +1583,11 @@ unsafe fn q8_pair_row<const B: usize, const MODE: u8, const G: bool>(
             v = _mm512_add_epi32(v, a.bsq);
         }
         let ds = if G {
-            let sv = _mm512_permutexvar_ps(a.gidx, _mm512_loadu_ps(sf.add(a.g0)));
-            _mm512_mul_ps(a.dv, sv)
+            let (lo, hi) = (
+                _mm512_loadu_ps(sf0.add(a.g0)),
+                _mm512_loadu_ps(sf1.add(a.g0)),
+            );
+            _mm512_mul_ps(a.dv, _mm512_permutex2var_ps(lo, a.gidx, hi))
         } else {
             a.dv
         };
@@ -1505,8 +1628,44 @@ unsafe fn q8_scales<const B: usize>(
     }
 }
 
+/// The factor of output `j`: its table's scale, times the row's scale when it has one (`!G`).
+#[inline(always)]
+unsafe fn factor<const G: bool>(cx: &Q8, j: usize) -> f32 {
+    // SAFETY: the caller guarantees j < n; tables and scales were checked in `qgemm_q8`.
+    unsafe {
+        let mut f = f32_at(cx.lut_scale.add(4 * table_of(j, cx.rpt, cx.n)));
+        if !G {
+            f *= f16_at(cx.scales, 2 * j);
+        }
+        f
+    }
+}
+
+/// [`factor`] of outputs `j..j + 4` (rows past `n` repeat the last).
+#[inline(always)]
+unsafe fn factors4<const G: bool>(cx: &Q8, j: usize) -> __m128 {
+    // SAFETY: the vector loads read rows j..j + 4 ≤ n only; the rest as in `factor`.
+    unsafe {
+        if j + 4 <= cx.n && (cx.rpt == 1 || cx.rpt >= cx.n) {
+            let ls = if cx.rpt == 1 {
+                _mm_loadu_ps(cx.lut_scale.add(4 * j) as *const f32)
+            } else {
+                _mm_set1_ps(f32_at(cx.lut_scale))
+            };
+            if G {
+                return ls;
+            }
+            let s = _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j) as *const __m128i));
+            return _mm_mul_ps(ls, s);
+        }
+        let f = |r: usize| factor::<G>(cx, (j + r).min(cx.n - 1));
+        _mm_setr_ps(f(0), f(1), f(2), f(3))
+    }
+}
+
 /// A tile of weight rows `j0..j0+NW` × activation rows `i0..i0+MA`; rows at or past `n` / `m`
-/// repeat the last one and their results are dropped.
+/// repeat the last one and their results are dropped. With `Z` (and `z`), the AVX-512 GEMV
+/// ([`q8_rowpairs`]).
 ///
 /// # Safety
 /// As for [`q8_run`], with `j0 < n` and `i0 < m`.
@@ -1528,7 +1687,7 @@ unsafe fn q8_tile<
     i0: usize,
     m: usize,
     pre: Option<*const Acts>,
-    pairs: *const Acts2,
+    z: Option<ZTile>,
 ) {
     // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
     // tables and scales, or activation row min(i0 + i, m − 1) (its Kp codes then Kp/32
@@ -1604,8 +1763,13 @@ unsafe fn q8_tile<
                 pp[i] = p.add(i * nsb);
             }
         }
-        if Z {
-            q8_pairs::<B, MODE, G, NW, MA>(cx, j0, &cp, &tp, &srow, pairs, &mut acc);
+        if let (true, Some(z)) = (Z, z) {
+            if MODE != AFFINE || cx.alpha == 1 {
+                q8_rowpairs::<B, MODE, G, true, NW>(cx, j0, i0, &cp, &tp, z);
+            } else {
+                q8_rowpairs::<B, MODE, G, false, NW>(cx, j0, i0, &cp, &tp, z);
+            }
+            return;
         } else {
             for sb in 0..nfull {
                 if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
@@ -1663,13 +1827,6 @@ unsafe fn q8_tile<
             }
         }
         // Per output: (Σ lanes) · lut_scale · (the row's scale when it has one).
-        let factor = |j: usize| {
-            let mut f = f32_at(cx.lut_scale.add(4 * table_of(j, cx.rpt, cx.n)));
-            if !grouped {
-                f *= f16_at(cx.scales, 2 * j);
-            }
-            f
-        };
         if NW.is_multiple_of(4) && MA == 1 {
             // GEMV tiles: four outputs at once.
             for q in (0..NW).step_by(4) {
@@ -1678,29 +1835,8 @@ unsafe fn q8_tile<
                     break;
                 }
                 let sums = hsum4([acc[q][0], acc[q + 1][0], acc[q + 2][0], acc[q + 3][0]]);
-                let f = if j + 4 <= n && (cx.rpt == 1 || cx.rpt >= n) {
-                    let ls = if cx.rpt == 1 {
-                        _mm_loadu_ps(cx.lut_scale.add(4 * j) as *const f32)
-                    } else {
-                        _mm_set1_ps(f32_at(cx.lut_scale))
-                    };
-                    if grouped {
-                        ls
-                    } else {
-                        _mm_mul_ps(
-                            ls,
-                            _mm_cvtph_ps(_mm_loadl_epi64(cx.scales.add(2 * j) as *const __m128i)),
-                        )
-                    }
-                } else {
-                    _mm_setr_ps(
-                        factor(row(q)),
-                        factor(row(q + 1)),
-                        factor(row(q + 2)),
-                        factor(row(q + 3)),
-                    )
-                };
-                cx.out.put4(i0, j, n, _mm_mul_ps(sums, f));
+                cx.out
+                    .put4(i0, j, n, _mm_mul_ps(sums, factors4::<G>(cx, j)));
             }
         } else {
             for r in 0..NW {
@@ -1708,7 +1844,7 @@ unsafe fn q8_tile<
                 if j >= n {
                     break;
                 }
-                let f = factor(j);
+                let f = factor::<G>(cx, j);
                 for i in 0..MA {
                     if i0 + i < m {
                         cx.out.put(i0 + i, j, hsum(acc[r][i]) * f);
