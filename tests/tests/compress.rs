@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use edgetune_cli::commands::{self, eval, Cli};
-use edgetune_cli::compress::{compress, KeepEnds, Method, Recipe, Rule};
+use edgetune_cli::compress::{calib, compress, KeepEnds, Method, Recipe, Rule};
 use edgetune_cli::ir::{ConstData, Graph};
 use edgetune_cli::model_file::AlignedBytes;
 use edgetune_cli::npy::{self, Array, ArrayData};
@@ -307,6 +307,25 @@ fn recipes_that_cannot_apply_say_so() {
         reports[1..].iter().all(|r| r.method.contains("sparse")),
         "{reports:?}"
     );
+}
+
+#[test]
+fn calibration_stops_once_every_layer_has_its_rows() {
+    let onnx = digits("cnn.onnx");
+    let g =
+        edgetune_cli::import::import(&onnx, &["x=50x1x8x8".parse().unwrap()], Default::default())
+            .unwrap();
+    let x = npy::read(&digits("x_train.npy")).unwrap();
+    let n = x.shape[0];
+    let all = calib::calibrate(&g, std::slice::from_ref(&x), |_, _| false).unwrap();
+    // The dense layers see one row per image: far below the cap, so every sample runs.
+    assert_eq!(all.samples, n);
+    assert!(all.stats.values().any(|s| s.count() == n as u64));
+    // A cap of 120 rows: the last dense layer has them after 3 batches of 50.
+    let few = calib::calibrate_rows(&g, std::slice::from_ref(&x), |_, _| false, 120).unwrap();
+    assert_eq!(few.samples, 150, "of {n}");
+    assert_eq!(few.stats.len(), all.stats.len());
+    assert!(few.stats.values().all(|s| s.count() >= 120));
 }
 
 #[test]

@@ -345,7 +345,7 @@ pub fn run(a: &CompressArgs) -> Result<()> {
         );
     }
     println!(
-        "weights {} -> {} bytes ({:.2}x smaller); file {} bytes; {} calibration samples",
+        "weights {} -> {} bytes ({:.2}x smaller); file {} bytes; {} calibration samples used",
         report.weights_f32_bytes,
         report.weights_bytes,
         report.weights_f32_bytes as f64 / report.weights_bytes.max(1) as f64,

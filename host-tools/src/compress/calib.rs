@@ -19,7 +19,7 @@ use crate::runner::{batches, Ours};
 pub struct Calibration {
     /// Statistics of each layer's input rows.
     pub stats: HashMap<String, ActStats>,
-    /// Samples run.
+    /// Samples run: all of them, or those until every layer had its rows ([`MAX_ROWS`]).
     pub samples: usize,
 }
 
@@ -73,12 +73,23 @@ fn token_mask(ours: &Ours) -> Option<usize> {
 }
 
 /// Runs `g` (uncompressed) on `data` (leading axis = samples) and gathers statistics for the
-/// layers `super::layers` finds; `gram(name, k)` says which layers also keep `XᵀX`. With an
-/// `attention_mask` input, rows of padding tokens are left out.
+/// layers `super::layers` finds, up to [`MAX_ROWS`] rows each; `gram(name, k)` says which layers
+/// also keep `XᵀX`. With an `attention_mask` input, rows of padding tokens are left out.
 pub fn calibrate(
     g: &Graph,
     data: &[Array],
     gram: impl Fn(&str, usize) -> bool,
+) -> Result<Calibration> {
+    calibrate_rows(g, data, gram, MAX_ROWS)
+}
+
+/// [`calibrate`] with statistics that stop at `max_rows` rows per layer (those of the batch
+/// that reaches it included); the run stops once every layer has them.
+pub fn calibrate_rows(
+    g: &Graph,
+    data: &[Array],
+    gram: impl Fn(&str, usize) -> bool,
+    max_rows: u64,
 ) -> Result<Calibration> {
     let (bytes, _) = pack(g)?;
     let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..]))?;
@@ -104,7 +115,7 @@ pub fn calibrate(
             let Some((_, st)) = stats.get_mut(&(i as usize)) else {
                 return;
             };
-            if st.count() >= MAX_ROWS {
+            if st.count() >= max_rows {
                 return;
             }
             let op = session.model().op(i);
@@ -153,6 +164,10 @@ pub fn calibrate(
             };
             let _ = st.update(&rows, k);
         })?;
+        // Every layer has its rows: the samples left would change nothing.
+        if stats.values().all(|(_, st)| st.count() >= max_rows) {
+            break;
+        }
     }
     Ok(Calibration {
         stats: stats.into_values().collect(),
