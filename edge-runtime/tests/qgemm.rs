@@ -539,6 +539,39 @@ fn superblock_widths_all_groups() {
     }
 }
 
+/// GEMV (int8 activations) over several 16-row tiles, whole and ragged, with every way a tile's
+/// outputs leave it: bias or none, row- or column-major C, identity or not, each table
+/// sharing, with and without groups, for the widths with register-pair kernels.
+#[test]
+fn gemv_tiles_every_output_path() {
+    let mut rng = Rng(16);
+    for bits in [1, 2, 4] {
+        for n in [16usize, 32, 37] {
+            for table in tables(bits) {
+                let k = rng.pick(&[64usize, 160, 384]);
+                let group = rng.pick(&groups(k.div_ceil(BLOCK) * BLOCK));
+                let rpt = rng.pick(&[1, 3, n]);
+                let q = QCase::new(&mut rng, n, k, bits, group, rpt, true, table);
+                for (bias, col_major, act) in [
+                    (true, false, Activation::NONE),
+                    (false, false, Activation::NONE),
+                    (true, true, Activation::NONE),
+                    (true, false, Activation::plain(ActKind::Relu)),
+                ] {
+                    let mut io = Io::new(&mut rng, 1, n, k).with_c(col_major);
+                    io.bias = bias.then(|| rng.vec(n));
+                    io.act = act;
+                    check_q(
+                        &q,
+                        &io,
+                        &format!("bits={bits} n={n} k={k} group={group} rpt={rpt} {table:?} bias={bias} col={col_major} {act:?}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// f32 activations with enough rows to decode panels: k across several 256-input panels (ragged
 /// tails), m across the 96-row blocks, n across 16-row panels, every width and group size.
 #[test]

@@ -855,6 +855,8 @@ unsafe fn q8_tiles<
                     if G {
                         zmm_scales(cx, 0, sf(0));
                     }
+                    // Prefetch distance in tiles, worked out once (a division).
+                    let ahead = gemv_ahead(ZMM_ROWS * cx.rb);
                     for (t, j) in (0..n).step_by(ZMM_ROWS).enumerate() {
                         if G && j + ZMM_ROWS < n {
                             zmm_scales(cx, j + ZMM_ROWS, sf(t + 1));
@@ -862,28 +864,17 @@ unsafe fn q8_tiles<
                         let z = ZTile {
                             acts,
                             scales: sf(t),
+                            ahead,
                         };
-                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, ZMM_ROWS, 1, true>(
-                            cx,
-                            j,
-                            n,
-                            i,
-                            m,
-                            None,
-                            Some(z),
-                        );
+                        zmm_tile::<B, MODE, G>(cx, j, i, z);
                     }
                 } else if DOT == MADDUBS {
                     for j in (0..n).step_by(4) {
-                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 4, 1, false>(
-                            cx, j, n, i, m, pre, None,
-                        );
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 4, 1>(cx, j, n, i, m, pre);
                     }
                 } else {
                     for j in (0..n).step_by(8) {
-                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1, false>(
-                            cx, j, n, i, m, pre, None,
-                        );
+                        q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 8, 1>(cx, j, n, i, m, pre);
                     }
                 }
             }
@@ -892,9 +883,7 @@ unsafe fn q8_tiles<
                 let pre = (4 * nsb <= ACTS_CAP)
                     .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 4, m, &mut buf));
                 for j in (0..n).step_by(2) {
-                    q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 2, 4, false>(
-                        cx, j, n, i, m, pre, None,
-                    );
+                    q8_tile::<B, MODE, ABS_W, SUM16, DOT, G, 2, 4>(cx, j, n, i, m, pre);
                 }
             }
         }
@@ -1334,6 +1323,48 @@ unsafe fn rowpair_codes<const B: usize, const PART: bool>(
     }
 }
 
+/// An AVX-512 GEMV tile: weight rows `j0..j0 + ZMM_ROWS` (past `n`, the last one repeated and
+/// its results dropped) times activation row `i0`.
+///
+/// # Safety
+/// AVX512F/BW/VL and AVX512-VNNI must be available; `cx` must describe valid extents, with
+/// `j0 < n` and `i0 < m`; `z` as [`q8_tiles`] prepares it.
+#[inline(always)]
+unsafe fn zmm_tile<const B: usize, const MODE: u8, const G: bool>(
+    cx: &Q8,
+    j0: usize,
+    i0: usize,
+    z: ZTile,
+) {
+    // SAFETY: every pointer addresses row min(j0 + r, n − 1) of the codes or tables (checked
+    // in `qgemm_q8`); tables near the end of the bytes are read from zero-padded copies.
+    unsafe {
+        let row = |r: usize| (j0 + r).min(cx.n - 1);
+        let mut cp = [core::ptr::null::<u8>(); ZMM_ROWS];
+        for (r, p) in cp.iter_mut().enumerate() {
+            *p = cx.codes.add(row(r) * cx.rb);
+        }
+        // Tables: 16 bytes read (entries past 2^b are never looked up).
+        let mut tcopy = [[0u8; 16]; ZMM_ROWS];
+        let mut tp = [core::ptr::null::<u8>(); ZMM_ROWS];
+        if MODE == TABLE {
+            for r in 0..ZMM_ROWS {
+                let t = table_of(row(r), cx.rpt, cx.n);
+                tp[r] = cx.lut.add(t * cx.entries);
+                if B < 4 && t >= cx.direct_tables {
+                    core::ptr::copy_nonoverlapping(tp[r], tcopy[r].as_mut_ptr(), 1 << B);
+                    tp[r] = tcopy[r].as_ptr();
+                }
+            }
+        }
+        if MODE != AFFINE || cx.alpha == 1 {
+            q8_rowpairs::<B, MODE, G, true, ZMM_ROWS>(cx, j0, i0, &cp, &tp, z);
+        } else {
+            q8_rowpairs::<B, MODE, G, false, ZMM_ROWS>(cx, j0, i0, &cp, &tp, z);
+        }
+    }
+}
+
 /// A GEMV tile of `NW` weight rows, two rows per register: `acc[r][0]` gets the lane sums of
 /// row `r`, as the 256-bit loop would leave them. `PLAIN`: no affine step to apply (α = 1).
 ///
@@ -1374,22 +1405,24 @@ unsafe fn q8_rowpairs<
             };
             let table = |r: usize| {
                 let t = _mm_loadu_si128(tp[r] as *const __m128i);
-                let t = if B < 4 {
+                if B < 4 {
                     _mm_shuffle_epi8(t, spread)
                 } else {
                     t
-                };
-                _mm256_broadcastsi128_si256(t)
+                }
             };
             for q in 0..pairs {
-                let t =
-                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(table(2 * q)), table(2 * q + 1));
+                // Row 2q's table in the low 256 bits, row 2q + 1's in the high.
+                let t = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_broadcastsi128_si256(table(2 * q))),
+                    _mm256_broadcastsi128_si256(table(2 * q + 1)),
+                );
                 tz[q] = _mm512_xor_si512(t, _mm512_set1_epi8(-128));
             }
         }
         let (acts, sfp) = (z.acts, z.scales);
         let mut accz = [_mm512_setzero_ps(); 8];
-        let ahead = (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb;
+        let ahead = (j0 + NW * z.ahead) * cx.rb;
         // Row pairs one by one, unrolled by hand: a loop keeps the arrays in memory.
         macro_rules! superblock {
             ($part:literal, $sb:expr, $len:expr, $($q:literal)*) => {{
@@ -1429,7 +1462,9 @@ unsafe fn q8_rowpairs<
 /// As for [`q8_rowpairs`], with `ZMM_ROWS` = 16.
 #[inline(always)]
 unsafe fn zmm_out<const G: bool>(cx: &Q8, i0: usize, j0: usize, accz: &[__m512; 8]) {
-    // SAFETY: register-only AVX-512 operations, then `put4` of outputs below n.
+    // SAFETY: register-only AVX-512 operations; a whole tile (j0 + 16 ≤ n) reads the table
+    // scales, row scales (one per row without groups) and bias of rows j0..j0 + 16 and writes
+    // C's row i0 there, all checked in `qgemm_q8`; else `put4` of outputs below n.
     unsafe {
         // Adjacent elements added: [a0+a1, a2+a3, b0+b1, b2+b3] per 128-bit lane.
         let fold = |a: __m512, b: __m512| {
@@ -1449,20 +1484,39 @@ unsafe fn zmm_out<const G: bool>(cx: &Q8, i0: usize, j0: usize, accz: &[__m512; 
         let sums = _mm512_shuffle_f32x4::<0b10_00_10_00>(h0, h1);
         let order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
         let sums = _mm512_permutexvar_ps(order, sums);
-        let quads = [
-            _mm512_castps512_ps128(sums),
-            _mm512_extractf32x4_ps::<1>(sums),
-            _mm512_extractf32x4_ps::<2>(sums),
-            _mm512_extractf32x4_ps::<3>(sums),
-        ];
-        for (q, v) in quads.into_iter().enumerate() {
-            let j = j0 + 4 * q;
-            if j >= cx.n {
-                break;
+        let o = &cx.out;
+        if j0 + ZMM_ROWS <= cx.n && o.c_cs == 1 && o.identity && (cx.rpt == 1 || cx.rpt >= cx.n) {
+            // A whole tile: its 16 factors, bias and outputs at once (as `factors4`, `put4`).
+            let ls = if cx.rpt == 1 {
+                _mm512_loadu_ps(cx.lut_scale.add(4 * j0) as *const f32)
+            } else {
+                _mm512_set1_ps(f32_at(cx.lut_scale))
+            };
+            let f = if G {
+                ls
+            } else {
+                let s = _mm256_loadu_si256(cx.scales.add(2 * j0) as *const __m256i);
+                _mm512_mul_ps(ls, _mm512_cvtph_ps(s))
+            };
+            let mut v = _mm512_mul_ps(sums, f);
+            if !o.bias.is_null() {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(o.bias.add(j0)));
             }
-            cx.out
-                .put4(i0, j, cx.n, _mm_mul_ps(v, factors4::<G>(cx, j)));
+            _mm512_storeu_ps(o.c.add(i0 * o.c_rs + j0), v);
+            return;
         }
+        // Rows past n, strided outputs, activations: four at a time (no array of the quads:
+        // it went through the stack).
+        let put = |q: usize, v: __m128| {
+            let j = j0 + 4 * q;
+            if j < cx.n {
+                o.put4(i0, j, cx.n, _mm_mul_ps(v, factors4::<G>(cx, j)));
+            }
+        };
+        put(0, _mm512_castps512_ps128(sums));
+        put(1, _mm512_extractf32x4_ps::<1>(sums));
+        put(2, _mm512_extractf32x4_ps::<2>(sums));
+        put(3, _mm512_extractf32x4_ps::<3>(sums));
     }
 }
 
@@ -1473,6 +1527,8 @@ struct ZTile {
     acts: *const Acts2,
     /// The group scales of the tile's rows as f32 ([`zmm_scales`]).
     scales: *const f32,
+    /// How many tiles ahead to prefetch the codes ([`gemv_ahead`]).
+    ahead: usize,
 }
 
 /// Converts the group scales of weight rows `j0..j0 + ZMM_ROWS` (clamped to the last row) to
@@ -1664,8 +1720,7 @@ unsafe fn factors4<const G: bool>(cx: &Q8, j: usize) -> __m128 {
 }
 
 /// A tile of weight rows `j0..j0+NW` × activation rows `i0..i0+MA`; rows at or past `n` / `m`
-/// repeat the last one and their results are dropped. With `Z` (and `z`), the AVX-512 GEMV
-/// ([`q8_rowpairs`]).
+/// repeat the last one and their results are dropped.
 ///
 /// # Safety
 /// As for [`q8_run`], with `j0 < n` and `i0 < m`.
@@ -1679,7 +1734,6 @@ unsafe fn q8_tile<
     const G: bool,
     const NW: usize,
     const MA: usize,
-    const Z: bool,
 >(
     cx: &Q8,
     j0: usize,
@@ -1687,7 +1741,6 @@ unsafe fn q8_tile<
     i0: usize,
     m: usize,
     pre: Option<*const Acts>,
-    z: Option<ZTile>,
 ) {
     // SAFETY (whole body): every pointer below addresses row min(j0 + r, n − 1) of the codes,
     // tables and scales, or activation row min(i0 + i, m − 1) (its Kp codes then Kp/32
@@ -1740,7 +1793,6 @@ unsafe fn q8_tile<
         let count = NW * cx.gpr;
         let vecs = count.div_ceil(8);
         let sf_ok = grouped
-            && !Z
             && count <= SCALES_CAP
             && j0 + NW <= n
             && (j0 * cx.gpr + 8 * vecs) <= n * cx.gpr;
@@ -1763,68 +1815,59 @@ unsafe fn q8_tile<
                 pp[i] = p.add(i * nsb);
             }
         }
-        if let (true, Some(z)) = (Z, z) {
-            if MODE != AFFINE || cx.alpha == 1 {
-                q8_rowpairs::<B, MODE, G, true, NW>(cx, j0, i0, &cp, &tp, z);
-            } else {
-                q8_rowpairs::<B, MODE, G, false, NW>(cx, j0, i0, &cp, &tp, z);
-            }
-            return;
-        } else {
-            for sb in 0..nfull {
-                if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
-                    for r in 0..NW {
-                        sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
-                    }
-                }
-                if MA == 1 {
-                    prefetch_ahead(
-                        cx.codes,
-                        (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
-                        sb * NW * sbb,
-                        NW * sbb,
-                    );
-                }
-                let prep = pre.map(|_| &pp);
-                q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
-                    cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
-                );
-                for p in cp.iter_mut() {
-                    *p = p.add(sbb);
-                }
-                for i in 0..MA {
-                    ap[i] = ap[i].add(s * BLOCK);
-                    dp[i] = dp[i].add(s);
-                    pp[i] = pp[i].wrapping_add(1);
-                }
-            }
-            let valid = cx.nb - nfull * s;
-            if valid > 0 {
-                let mut cbuf = [[0u8; 32]; NW];
-                let mut abuf = [[0u8; 128]; MA];
-                let mut dbuf = [[0f32; 4]; MA];
+        for sb in 0..nfull {
+            if grouped && (sbpg == 0 || sb.is_multiple_of(sbpg)) {
                 for r in 0..NW {
-                    core::ptr::copy_nonoverlapping(cp[r], cbuf[r].as_mut_ptr(), valid * cx.bb);
-                    cp[r] = cbuf[r].as_ptr();
+                    sv[r] = q8_scales::<B>(cx, srow[r], sfp(r), sb * s, sbpg > 0);
                 }
-                if pre.is_none() {
-                    for i in 0..MA {
-                        core::ptr::copy_nonoverlapping(ap[i], abuf[i].as_mut_ptr(), valid * BLOCK);
-                        core::ptr::copy_nonoverlapping(dp[i], dbuf[i].as_mut_ptr(), valid);
-                        ap[i] = abuf[i].as_ptr();
-                        dp[i] = dbuf[i].as_ptr();
-                    }
-                }
-                if grouped {
-                    for r in 0..NW {
-                        sv[r] = q8_scales::<B>(cx, srow[r], None, nfull * s, sbpg > 0);
-                    }
-                }
-                let prep = pre.map(|_| &pp);
-                q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
-                    cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
+            }
+            if MA == 1 {
+                prefetch_ahead(
+                    cx.codes,
+                    (j0 + NW * gemv_ahead(NW * cx.rb)) * cx.rb,
+                    sb * NW * sbb,
+                    NW * sbb,
                 );
             }
+            let prep = pre.map(|_| &pp);
+            q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
+            );
+            for p in cp.iter_mut() {
+                *p = p.add(sbb);
+            }
+            for i in 0..MA {
+                ap[i] = ap[i].add(s * BLOCK);
+                dp[i] = dp[i].add(s);
+                pp[i] = pp[i].wrapping_add(1);
+            }
+        }
+        let valid = cx.nb - nfull * s;
+        if valid > 0 {
+            let mut cbuf = [[0u8; 32]; NW];
+            let mut abuf = [[0u8; 128]; MA];
+            let mut dbuf = [[0f32; 4]; MA];
+            for r in 0..NW {
+                core::ptr::copy_nonoverlapping(cp[r], cbuf[r].as_mut_ptr(), valid * cx.bb);
+                cp[r] = cbuf[r].as_ptr();
+            }
+            if pre.is_none() {
+                for i in 0..MA {
+                    core::ptr::copy_nonoverlapping(ap[i], abuf[i].as_mut_ptr(), valid * BLOCK);
+                    core::ptr::copy_nonoverlapping(dp[i], dbuf[i].as_mut_ptr(), valid);
+                    ap[i] = abuf[i].as_ptr();
+                    dp[i] = dbuf[i].as_ptr();
+                }
+            }
+            if grouped {
+                for r in 0..NW {
+                    sv[r] = q8_scales::<B>(cx, srow[r], None, nfull * s, sbpg > 0);
+                }
+            }
+            let prep = pre.map(|_| &pp);
+            q8_step::<B, MODE, ABS_W, SUM16, DOT, G, NW, MA>(
+                cx, &cp, &tp, &ap, &dp, prep, &sv, &mut acc,
+            );
         }
         // Per output: (Σ lanes) · lut_scale · (the row's scale when it has one).
         if NW.is_multiple_of(4) && MA == 1 {
