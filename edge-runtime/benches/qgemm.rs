@@ -424,5 +424,48 @@ fn cold(_: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench, summary, cold);
+/// GEMV with each int8-activation kernel set this CPU runs, beside the one `Kernels::best`
+/// picks, so the dispatch order can be checked on a new CPU.
+fn kernel_sets(_: &mut Criterion) {
+    #[cfg(target_arch = "x86_64")]
+    let sets = edgetune_runtime::kernels::qgemm::x86_64::variants();
+    #[cfg(target_arch = "aarch64")]
+    let sets = edgetune_runtime::kernels::qgemm::aarch64::variants();
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let sets: [Option<Kernels>; 0] = [];
+    let sets: Vec<Kernels> = sets.into_iter().flatten().collect();
+    let best = Kernels::best();
+    println!(
+        "\nGEMV (m = 1), weights hot, per int8-activation kernel set: µs (best: {}).",
+        best.qgemm_name
+    );
+    let mut head = format!("{:<18}", "kernel");
+    for (n, k) in SHAPES {
+        for s in &sets {
+            head += &format!(
+                "{:>22}",
+                format!("{} {n}x{k}", s.qgemm_name.trim_start_matches("x86_64-"))
+            );
+        }
+    }
+    println!("{head}");
+    let only = std::env::var("QGEMM_BENCH_ONLY").ok();
+    for (name, make) in kinds() {
+        if !name.ends_with(" q8") || only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        let mut line = format!("{name:<18}");
+        for (n, k) in SHAPES {
+            for s in &sets {
+                let mut rng = Rng(1);
+                let enc = make(&mut rng, n, k);
+                let mut case = Case::new(&mut rng, 1, n, k, enc);
+                line += &format!("{:>22.1}", time(&mut case, s) * 1e6);
+            }
+        }
+        println!("{line}");
+    }
+}
+
+criterion_group!(benches, bench, summary, kernel_sets, cold);
 criterion_main!(benches);

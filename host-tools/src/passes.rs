@@ -528,7 +528,9 @@ fn bias_mut(g: &mut Graph, p: usize, channels: usize) -> &mut Vec<f32> {
     }
 }
 
-fn add_bias(g: &mut Graph, p: usize, vals: &[f32], sign: f32) {
+/// Adds `sign · vals` to the bias of node `p` (a dense or convolution node), giving it a zero
+/// bias first if it has none and its own copy if the bias is shared.
+pub(crate) fn add_bias(g: &mut Graph, p: usize, vals: &[f32], sign: f32) {
     for (b, v) in bias_mut(g, p, vals.len()).iter_mut().zip(vals) {
         *b += sign * v;
     }

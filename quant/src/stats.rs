@@ -1,7 +1,7 @@
 //! Calibration statistics of a layer's input activations.
 //!
 //! One forward pass over calibration data feeds every encoder: per input channel `c` it keeps
-//! `Σ x_c²` (→ mean x², the "imatrix" importance used by [`crate::scalar`], [`crate::kmeans`] and
+//! `Σ x_c` (→ the mean, for bias correction), `Σ x_c²` (→ mean x², the "imatrix" importance used by [`crate::scalar`], [`crate::kmeans`] and
 //! [`crate::ternary`]), `Σ |x_c|` (→ mean |x|, used by ASVD / AWQ-style scaling) and the sample
 //! count, and optionally the full Gram matrix `XᵀX` (`k x k`, accumulated in f64) that
 //! [`crate::gptq`] and SVD-LLM ([`crate::lowrank::lowrank_svdllm`]) need.
@@ -14,6 +14,7 @@
 //! let mut s = ActStats::new(2, true).unwrap();
 //! s.update(&[1.0, -2.0, 3.0, 0.0], 2).unwrap(); // two rows: [1,-2], [3,0]
 //! assert_eq!(s.count(), 2);
+//! assert_eq!(s.mean(), vec![2.0, -1.0]);
 //! assert_eq!(s.mean_sq(), vec![5.0, 2.0]); // (1+9)/2, (4+0)/2
 //! assert_eq!(s.mean_abs(), vec![2.0, 1.0]);
 //! assert_eq!(s.gram().unwrap(), &[10.0, -2.0, -2.0, 4.0]);
@@ -32,6 +33,7 @@ const GRAM_CHUNK_ROWS: usize = 256;
 pub struct ActStats {
     k: usize,
     count: u64,
+    sum: Vec<f64>,
     sum_sq: Vec<f64>,
     sum_abs: Vec<f64>,
     /// Row-major (= column-major, it is symmetric) `k x k` sum of `x xᵀ`.
@@ -50,6 +52,7 @@ impl ActStats {
         Ok(ActStats {
             k,
             count: 0,
+            sum: vec![0.0; k],
             sum_sq: vec![0.0; k],
             sum_abs: vec![0.0; k],
             gram: with_gram.then(|| vec![0.0; k * k]),
@@ -80,8 +83,10 @@ impl ActStats {
         }
         check_finite(rows, "activation rows")?;
         for row in rows.chunks_exact(k) {
-            for ((sq, ab), &x) in self.sum_sq.iter_mut().zip(self.sum_abs.iter_mut()).zip(row) {
+            let sums = self.sum.iter_mut().zip(self.sum_sq.iter_mut());
+            for (((s, sq), ab), &x) in sums.zip(self.sum_abs.iter_mut()).zip(row) {
                 let x = x as f64;
+                *s += x;
                 *sq += x * x;
                 *ab += x.abs();
             }
@@ -114,6 +119,9 @@ impl ActStats {
             });
         }
         self.count += other.count;
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
         for (a, b) in self.sum_sq.iter_mut().zip(&other.sum_sq) {
             *a += b;
         }
@@ -176,6 +184,25 @@ impl ActStats {
         self.gram.as_deref()
     }
 
+    /// Mean of each channel (zeros before any row).
+    pub fn mean(&self) -> Vec<f64> {
+        let n = self.count.max(1) as f64;
+        self.sum.iter().map(|s| s / n).collect()
+    }
+
+    /// The covariance `XᵀX / count − μμᵀ` (row-major `k x k`), if the Gram matrix is kept: the
+    /// Hessian of a layer whose bias absorbs the mean error `(W − Ŵ)μ`.
+    pub fn covariance(&self) -> Option<Vec<f64>> {
+        let mu = self.mean();
+        let mut h = self.hessian()?;
+        for (i, row) in h.chunks_exact_mut(self.k).enumerate() {
+            for (x, m) in row.iter_mut().zip(&mu) {
+                *x -= mu[i] * m;
+            }
+        }
+        Some(h)
+    }
+
     /// The GPTQ Hessian `H = XᵀX / count` (row-major `k x k`), if the Gram matrix is kept.
     /// (GPTQ's paper uses `2XᵀX`; a constant factor changes nothing in the algorithm.)
     pub fn hessian(&self) -> Option<Vec<f64>> {
@@ -206,6 +233,17 @@ mod tests {
         assert_eq!(g, &[6.0, -2.0, -1.0, -2.0, 8.0, -2.0, -1.0, -2.0, 10.0]);
         let h = s.hessian().unwrap();
         assert_eq!(h[0], 2.0);
+        // Means [2/3, 0, 4/3]; covariance (0,0): 2 − 4/9, (0,2): −1/3 − 8/9, (1,1): 8/3.
+        assert_eq!(s.mean(), vec![2.0 / 3.0, 0.0, 4.0 / 3.0]);
+        let c = s.covariance().unwrap();
+        for (got, want) in [
+            (c[0], 14.0 / 9.0),
+            (c[2], -11.0 / 9.0),
+            (c[6], -11.0 / 9.0),
+            (c[4], 8.0 / 3.0),
+        ] {
+            assert!((got - want).abs() < 1e-12, "{c:?}");
+        }
         assert!((s.col_l2_norms()[1] - 8f32.sqrt()).abs() < 1e-6);
     }
 
@@ -230,6 +268,9 @@ mod tests {
         }
         for (x, y) in sa.sum_sq().iter().zip(whole.sum_sq()) {
             assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()));
+        }
+        for (x, y) in sa.mean().iter().zip(whole.mean()) {
+            assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()));
         }
         // Gram diagonal is Σx².
         for c in 0..k {

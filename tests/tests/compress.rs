@@ -253,6 +253,73 @@ fn compressed_weights_are_never_expanded() {
     }
 }
 
+/// Mean output per channel of `g` over `x`'s rows (run one row at a time).
+fn mean_outputs(g: &Graph, x: &Array) -> Vec<f64> {
+    let (bytes, _) = pack(g).unwrap();
+    let mut ours = Ours::from_bytes(AlignedBytes::from(&bytes[..])).unwrap();
+    let (rows, k) = (x.shape[0], x.shape[1]);
+    let xs = x.to_f32();
+    let mut sum = Vec::new();
+    for r in 0..rows {
+        let row = Array {
+            shape: vec![1, k],
+            data: ArrayData::F32(xs[r * k..(r + 1) * k].to_vec()),
+        };
+        let y = ours.run(&[row]).unwrap()[0].to_f32();
+        sum.resize(y.len(), 0.0);
+        for (s, v) in sum.iter_mut().zip(y) {
+            *s += v as f64;
+        }
+    }
+    sum.iter().map(|s| s / rows as f64).collect()
+}
+
+#[test]
+fn calibrated_compression_keeps_each_outputs_mean() {
+    // Inputs sit on large per-channel offsets, so binary weights' error moves every output's
+    // mean by (W − Ŵ)μ. With calibration data the bias takes that back: over the calibration
+    // rows each output's mean is the f32 layer's. Without it, the means move.
+    let (n, k, rows) = (16, 64, 300);
+    let mut r = 1u64;
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| {
+            r = r
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (1.0 + (i % k % 5) as f32) + ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        })
+        .collect();
+    let x = Array {
+        shape: vec![rows, k],
+        data: ArrayData::F32(x),
+    };
+    let want = mean_outputs(&one_layer(n, k), &x);
+    let recipe = Recipe {
+        rules: vec![Rule {
+            pattern: "*".into(),
+            method: Method::Binary { group: 64 },
+            gptq: false,
+        }],
+        keep_ends: KeepEnds::Same,
+        ..Recipe::default()
+    };
+    let shift = |calibrated: bool| {
+        let mut g = one_layer(n, k);
+        let cal = calib::calibrate(&g, std::slice::from_ref(&x), |_, _| false).unwrap();
+        compress(&mut g, &recipe, calibrated.then_some(&cal), false).unwrap();
+        let got = mean_outputs(&g, &x);
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    };
+    let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    let (with, without) = (shift(true), shift(false));
+    println!("largest mean shift: {with:.2e} with calibration, {without:.2e} without (outputs up to {scale:.2})");
+    assert!(with < 1e-4 * scale, "{with} of {scale}");
+    assert!(without > 1e-2 * scale, "{without} of {scale}");
+}
+
 #[test]
 fn recipes_that_cannot_apply_say_so() {
     let onnx = digits("cnn.onnx");

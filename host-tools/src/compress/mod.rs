@@ -8,7 +8,9 @@ pub mod surgery;
 use anyhow::{anyhow, bail, Context, Result};
 use edgetune_core::{Encoding, Op};
 use edgetune_quant::encode::{self, padded_k, Encoded};
-use edgetune_quant::gptq::{gptq, CodebookQuantizer, GptqConfig, GroupQuantizer, TernaryQuantizer};
+use edgetune_quant::gptq::{
+    gptq, refit_codebook, CodebookQuantizer, GptqConfig, GroupQuantizer, TernaryQuantizer,
+};
 use edgetune_quant::kmeans::{codebook_quantize_with, CodebookOptions, Granularity, KMeansConfig};
 use edgetune_quant::lowrank::{lowrank_asvd, lowrank_svd, lowrank_svdllm, RankSelection};
 use edgetune_quant::prune;
@@ -226,7 +228,8 @@ impl Ctx<'_> {
         })
     }
 
-    /// `XᵀX / count` padded with zero rows and columns to `kp`, when GPTQ is asked for.
+    /// The input covariance `XᵀX / count − μμᵀ` padded with zero rows and columns to `kp`, when
+    /// GPTQ is asked for.
     fn hessian(&self, k: usize, kp: usize) -> Result<Option<Vec<f64>>> {
         if !self.gptq {
             return Ok(None);
@@ -234,8 +237,9 @@ impl Ctx<'_> {
         let s = self
             .stats
             .ok_or_else(|| anyhow!("GPTQ needs calibration data (--calib)"))?;
+        // The covariance, not XᵀX: the bias takes the mean error (`apply`), GPTQ the rest.
         let h = s
-            .hessian()
+            .covariance()
             .ok_or_else(|| anyhow!("GPTQ needs Gram statistics"))?;
         if s.k() != k {
             bail!(
@@ -274,6 +278,31 @@ fn store(g: &mut Graph, t: TensorId, e: Encoded) {
         bytes: e.bytes,
         params: e.params,
     });
+}
+
+/// Bias correction (Nagel et al. 2019): the weight error moves each output's mean by
+/// `(W − Ŵ)μ` over the calibration inputs; the bias takes it back. Needs calibration data.
+fn correct_bias(g: &mut Graph, l: &Layer, w: &[f32], e: &Encoded, ctx: &Ctx<'_>) -> Result<()> {
+    let (n, k) = (l.n, l.k);
+    let Some(mu) = ctx.stats.filter(|s| s.k() == k).map(|s| s.mean()) else {
+        return Ok(());
+    };
+    if matches!(e.encoding, Encoding::PanelF32 | Encoding::Plain) {
+        return Ok(());
+    }
+    let back = encode::decode(e, n, k)?;
+    let shift: Vec<f32> = (0..n)
+        .map(|r| {
+            let (wr, br) = (&w[r * k..(r + 1) * k], &back[r * k..(r + 1) * k]);
+            wr.iter()
+                .zip(br)
+                .zip(&mu)
+                .map(|((a, b), m)| (a - b) as f64 * m)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    crate::passes::add_bias(g, l.node, &shift, 1.0);
+    Ok(())
 }
 
 fn rel_error(w: &[f32], e: &Encoded, n: usize, k: usize) -> f64 {
@@ -400,6 +429,8 @@ fn encode_matrix(
                 let mut qz = CodebookQuantizer::new(cb)?.with_column_order(order)?;
                 gptq(&wp, n, k, &hp, &GptqConfig::default(), &mut qz)?;
                 cb = qz.into_codebook();
+                // With the indices chosen, tables and scales fitted to the layer's output.
+                refit_codebook(&mut cb, w, &h)?;
             }
             encode::encode_codebook(&cb, int8)?
         }
@@ -457,6 +488,7 @@ fn apply(g: &mut Graph, l: &Layer, m: &Method, ctx: &Ctx<'_>) -> Result<LayerRep
     }
     let (e, note) = encode_matrix(&w, n, k, m, ctx)?;
     let rel = rel_error(&w, &e, n, k);
+    correct_bias(g, l, &w, &e, ctx)?;
     let bytes = e.bytes.len();
     if e.encoding == Encoding::PanelF32 {
         g.tensors[l.weight].encoding = Encoding::PanelF32;
