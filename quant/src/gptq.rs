@@ -668,38 +668,20 @@ pub fn refit_codebook(cb: &mut Codebook, w: &[f32], hessian: &[f64]) -> Result<f
     Ok(best)
 }
 
-/// Least-squares table entries for fixed indices and scales: per table, `M c = b` with
-/// `M[a][b] = Σ_r Σ_{i: idx=a} Σ_{j: idx=b} s_i H_ij s_j` and `b[a] = Σ_r Σ_{i: idx=a} s_i (H w_r)_i`.
+/// Least-squares table entries for fixed indices and scales: row `r`'s weights are
+/// `s_rj · c[idx_rj]`, so each row adds its normal equations with `v = s_r`, `bin = idx_r`.
 fn refit_tables(cb: &mut Codebook, w: &[f32], h: &[f64]) {
     let (k, tl) = (cb.k, cb.table_len());
     for t in 0..cb.num_tables() {
         let rows = t * cb.rows_per_table..((t + 1) * cb.rows_per_table).min(cb.n);
-        let mut m = vec![0.0f64; tl * tl];
-        let mut b = vec![0.0f64; tl];
-        let mut p = vec![0.0f64; tl];
+        let mut eq = NormalEquations::new(tl);
         for r in rows.clone() {
             let s: Vec<f64> = (0..k).map(|c| cb.scale(r, c) as f64).collect();
             let idx = &cb.indices[r * k..(r + 1) * k];
-            let wr = &w[r * k..(r + 1) * k];
-            for i in 0..k {
-                if s[i] == 0.0 {
-                    continue;
-                }
-                p.fill(0.0);
-                let mut hw = 0.0;
-                for (j, &hij) in h[i * k..(i + 1) * k].iter().enumerate() {
-                    p[idx[j] as usize] += hij * s[j];
-                    hw += hij * wr[j] as f64;
-                }
-                let a = idx[i] as usize;
-                for (mab, &pb) in m[a * tl..(a + 1) * tl].iter_mut().zip(&p) {
-                    *mab += s[i] * pb;
-                }
-                b[a] += s[i] * hw;
-            }
+            eq.add_row(h, &w[r * k..(r + 1) * k], &s, |j| idx[j] as usize);
         }
         let old: Vec<f64> = cb.table(t).iter().map(|&c| c as f64).collect();
-        let Some(c) = solve_ridge(&mut m, &mut b, &old) else {
+        let Some(c) = eq.solve(&old) else {
             continue;
         };
         // Round as stored, sort, and point the indices at the entries' new places.
@@ -719,40 +701,22 @@ fn refit_tables(cb: &mut Codebook, w: &[f32], h: &[f64]) {
     }
 }
 
-/// Least-squares group scales of each row for fixed indices and tables: with `u` the row's
-/// table values, `M[g][g'] = Σ_{i∈g} Σ_{j∈g'} u_i H_ij u_j`, `b[g] = Σ_{i∈g} u_i (H w_r)_i`.
+/// Least-squares group scales of each row for fixed indices and tables: row `r`'s weights
+/// are `u_rj · s[j / scale_group]` with `u_r` its table values (`v = u_r`, `bin = j / group`).
 fn refit_scales(cb: &mut Codebook, w: &[f32], h: &[f64]) {
     let (k, sg, gr) = (cb.k, cb.scale_group, cb.groups_per_row());
     let mut scales = cb.scales.take().expect("refit_scales needs scales");
-    let mut q = vec![0.0f64; gr];
     for r in 0..cb.n {
         let table = cb.table(cb.table_of_row(r));
         let u: Vec<f64> = cb.indices[r * k..(r + 1) * k]
             .iter()
             .map(|&i| table[i as usize] as f64)
             .collect();
-        let wr = &w[r * k..(r + 1) * k];
-        let mut m = vec![0.0f64; gr * gr];
-        let mut b = vec![0.0f64; gr];
-        for i in 0..k {
-            if u[i] == 0.0 {
-                continue;
-            }
-            q.fill(0.0);
-            let mut hw = 0.0;
-            for (j, &hij) in h[i * k..(i + 1) * k].iter().enumerate() {
-                q[j / sg] += hij * u[j];
-                hw += hij * wr[j] as f64;
-            }
-            let g = i / sg;
-            for (mg, &qg) in m[g * gr..(g + 1) * gr].iter_mut().zip(&q) {
-                *mg += u[i] * qg;
-            }
-            b[g] += u[i] * hw;
-        }
+        let mut eq = NormalEquations::new(gr);
+        eq.add_row(h, &w[r * k..(r + 1) * k], &u, |j| j / sg);
         let row = &mut scales[r * gr..(r + 1) * gr];
         let old: Vec<f64> = row.iter().map(|&s| s as f64).collect();
-        if let Some(s) = solve_ridge(&mut m, &mut b, &old) {
+        if let Some(s) = eq.solve(&old) {
             for (o, v) in row.iter_mut().zip(s) {
                 *o = round_to_f16(v as f32);
             }
@@ -761,22 +725,62 @@ fn refit_scales(cb: &mut Codebook, w: &[f32], h: &[f64]) {
     cb.scales = Some(scales);
 }
 
-/// Solves `(M + λI) x = b + λ·old` (`λ` a millionth of the mean diagonal, which pins unused
-/// entries to their old values); `None` if it fails or gives a non-finite or f16-overflowing
-/// value.
-fn solve_ridge(m: &mut [f64], b: &mut [f64], old: &[f64]) -> Option<Vec<f64>> {
-    let d = old.len();
-    let lambda =
-        ((0..d).map(|i| m[i * d + i]).sum::<f64>() / d as f64).max(f64::MIN_POSITIVE) * 1e-6;
-    let a = Mat::from_fn(d, d, |i, j| {
-        m[i * d + j] + if i == j { lambda } else { 0.0 }
-    });
-    let rhs = Mat::from_fn(d, 1, |i, _| b[i] + lambda * old[i]);
-    let x = faer::linalg::solvers::Solve::solve(&a.llt(Side::Lower).ok()?, &rhs);
-    let x: Vec<f64> = (0..d).map(|i| x[(i, 0)]).collect();
-    x.iter()
-        .all(|v| v.is_finite() && v.abs() < 65504.0)
-        .then_some(x)
+/// Normal equations `M θ = b` of `min Σ_r (w_r − ŵ_r)ᵀ H (w_r − ŵ_r)` where a row's weights
+/// are `ŵ_j = v_j · θ[bin(j)]`: `M[a][c] = Σ_{i: bin=a} Σ_{j: bin=c} v_i H_ij v_j` and
+/// `b[a] = Σ_{i: bin=a} v_i (H w)_i`, summed over the rows added.
+struct NormalEquations {
+    m: Vec<f64>,
+    b: Vec<f64>,
+    /// Scratch: one row of `H · diag(v)`, binned.
+    p: Vec<f64>,
+}
+
+impl NormalEquations {
+    fn new(d: usize) -> Self {
+        NormalEquations {
+            m: vec![0.0; d * d],
+            b: vec![0.0; d],
+            p: vec![0.0; d],
+        }
+    }
+
+    fn add_row(&mut self, h: &[f64], w: &[f32], v: &[f64], bin: impl Fn(usize) -> usize) {
+        let (k, d) = (w.len(), self.b.len());
+        for i in 0..k {
+            if v[i] == 0.0 {
+                continue;
+            }
+            self.p.fill(0.0);
+            let mut hw = 0.0;
+            for (j, &hij) in h[i * k..(i + 1) * k].iter().enumerate() {
+                self.p[bin(j)] += hij * v[j];
+                hw += hij * w[j] as f64;
+            }
+            let a = bin(i);
+            for (mac, &pc) in self.m[a * d..(a + 1) * d].iter_mut().zip(&self.p) {
+                *mac += v[i] * pc;
+            }
+            self.b[a] += v[i] * hw;
+        }
+    }
+
+    /// Solves `(M + λI) θ = b + λ·old` (`λ` a millionth of the mean diagonal, which pins
+    /// unused entries to their old values); `None` if it fails or gives a non-finite or
+    /// f16-overflowing value.
+    fn solve(&self, old: &[f64]) -> Option<Vec<f64>> {
+        let (m, b, d) = (&self.m, &self.b, old.len());
+        let lambda =
+            ((0..d).map(|i| m[i * d + i]).sum::<f64>() / d as f64).max(f64::MIN_POSITIVE) * 1e-6;
+        let a = Mat::from_fn(d, d, |i, j| {
+            m[i * d + j] + if i == j { lambda } else { 0.0 }
+        });
+        let rhs = Mat::from_fn(d, 1, |i, _| b[i] + lambda * old[i]);
+        let x = faer::linalg::solvers::Solve::solve(&a.llt(Side::Lower).ok()?, &rhs);
+        let x: Vec<f64> = (0..d).map(|i| x[(i, 0)]).collect();
+        x.iter()
+            .all(|v| v.is_finite() && v.abs() < 65504.0)
+            .then_some(x)
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Calibration statistics of a layer's input activations.
 //!
 //! One forward pass over calibration data feeds every encoder: per input channel `c` it keeps
-//! `Σ x_c` (→ the mean, for bias correction), `Σ x_c²` (→ mean x², the "imatrix" importance used by [`crate::scalar`], [`crate::kmeans`] and
-//! [`crate::ternary`]), `Σ |x_c|` (→ mean |x|, used by ASVD / AWQ-style scaling) and the sample
+//! `Σ x_c` (→ the mean, for bias correction), `Σ x_c²` (→ mean x², the "imatrix" importance
+//! used by [`crate::scalar`], [`crate::kmeans`] and [`crate::ternary`]), `Σ |x_c|` (→ mean |x|, used by ASVD / AWQ-style scaling) and the sample
 //! count, and optionally the full Gram matrix `XᵀX` (`k x k`, accumulated in f64) that
 //! [`crate::gptq`] and SVD-LLM ([`crate::lowrank::lowrank_svdllm`]) need.
 //!

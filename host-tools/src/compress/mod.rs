@@ -280,20 +280,25 @@ fn store(g: &mut Graph, t: TensorId, e: Encoded) {
     });
 }
 
+/// The stored weight decoded back to f32 (`None` when it is stored as f32).
+fn decoded(e: &Encoded, n: usize, k: usize) -> Option<Vec<f32>> {
+    match e.encoding {
+        Encoding::PanelF32 | Encoding::Plain => None,
+        _ => Some(encode::decode(e, n, k).expect("decodes what we encoded")),
+    }
+}
+
 /// Bias correction (Nagel et al. 2019): the weight error moves each output's mean by
 /// `(W − Ŵ)μ` over the calibration inputs; the bias takes it back. Needs calibration data.
-fn correct_bias(g: &mut Graph, l: &Layer, w: &[f32], e: &Encoded, ctx: &Ctx<'_>) -> Result<()> {
-    let (n, k) = (l.n, l.k);
+fn correct_bias(g: &mut Graph, l: &Layer, w: &[f32], back: &[f32], ctx: &Ctx<'_>) {
+    let k = l.k;
     let Some(mu) = ctx.stats.filter(|s| s.k() == k).map(|s| s.mean()) else {
-        return Ok(());
+        return;
     };
-    if matches!(e.encoding, Encoding::PanelF32 | Encoding::Plain) {
-        return Ok(());
-    }
-    let back = encode::decode(e, n, k)?;
-    let shift: Vec<f32> = (0..n)
-        .map(|r| {
-            let (wr, br) = (&w[r * k..(r + 1) * k], &back[r * k..(r + 1) * k]);
+    let shift: Vec<f32> = w
+        .chunks_exact(k)
+        .zip(back.chunks_exact(k))
+        .map(|(wr, br)| {
             wr.iter()
                 .zip(br)
                 .zip(&mu)
@@ -302,15 +307,13 @@ fn correct_bias(g: &mut Graph, l: &Layer, w: &[f32], e: &Encoded, ctx: &Ctx<'_>)
         })
         .collect();
     crate::passes::add_bias(g, l.node, &shift, 1.0);
-    Ok(())
 }
 
-fn rel_error(w: &[f32], e: &Encoded, n: usize, k: usize) -> f64 {
-    let back = match e.encoding {
-        Encoding::PanelF32 | Encoding::Plain => return 0.0,
-        _ => encode::decode(e, n, k).expect("decodes what we encoded"),
-    };
-    edgetune_quant::metrics::rel_frobenius_error(w, &back).unwrap_or(f64::NAN)
+/// Relative Frobenius error of the stored weight (0 when it is stored as f32).
+fn rel_error(w: &[f32], back: Option<&[f32]>) -> f64 {
+    back.map_or(0.0, |b| {
+        edgetune_quant::metrics::rel_frobenius_error(w, b).unwrap_or(f64::NAN)
+    })
 }
 
 /// Encodes an `n × k` matrix with a (non-structural) method.
@@ -487,8 +490,11 @@ fn apply(g: &mut Graph, l: &Layer, m: &Method, ctx: &Ctx<'_>) -> Result<LayerRep
         return low_rank(g, l, &w, *rank, *aware, factors, ctx);
     }
     let (e, note) = encode_matrix(&w, n, k, m, ctx)?;
-    let rel = rel_error(&w, &e, n, k);
-    correct_bias(g, l, &w, &e, ctx)?;
+    let back = decoded(&e, n, k);
+    let rel = rel_error(&w, back.as_deref());
+    if let Some(back) = &back {
+        correct_bias(g, l, &w, back, ctx);
+    }
     let bytes = e.bytes.len();
     if e.encoding == Encoding::PanelF32 {
         g.tensors[l.weight].encoding = Encoding::PanelF32;
@@ -554,7 +560,7 @@ fn embedding(
         gptq: false,
     };
     let (e, n2) = encode_matrix(w, n, k, &method, &inner)?;
-    let rel = rel_error(w, &e, n, k);
+    let rel = rel_error(w, decoded(&e, n, k).as_deref());
     let bytes = e.bytes.len();
     store(g, l.weight, e);
     Ok(report(&method, bytes, rel, note.or(n2)))
