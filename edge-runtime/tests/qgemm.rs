@@ -539,25 +539,33 @@ fn superblock_widths_all_groups() {
     }
 }
 
-/// GEMV (int8 activations) over several 16-row tiles, whole and ragged, with every way a tile's
-/// outputs leave it: bias or none, row- or column-major C, identity or not, each table
-/// sharing, with and without groups, for the widths with register-pair kernels.
+/// GEMV (int8 activations) with the widths of the AVX-512 kernels: each way a row ends (whole
+/// two-superblock chunks, a partial chunk, a whole or partial lone superblock shared by two
+/// rows), fewer rows than a tile, one tile, several with the last one overlapping, each group
+/// size, table sharing (tables spanning tiles included), and every way a tile's outputs leave
+/// it: bias or none, row- or column-major C, identity or not.
 #[test]
 fn gemv_tiles_every_output_path() {
     let mut rng = Rng(16);
+    let outputs = [
+        (true, false, Activation::NONE),
+        (false, false, Activation::NONE),
+        (true, true, Activation::NONE),
+        (true, false, Activation::plain(ActKind::Relu)),
+    ];
+    let mut case = 0usize;
     for bits in [1, 2, 4] {
-        for n in [16usize, 32, 37] {
-            for table in tables(bits) {
-                let k = rng.pick(&[64usize, 160, 384]);
-                let group = rng.pick(&groups(k.div_ceil(BLOCK) * BLOCK));
-                let rpt = rng.pick(&[1, 3, n]);
-                let q = QCase::new(&mut rng, n, k, bits, group, rpt, true, table);
-                for (bias, col_major, act) in [
-                    (true, false, Activation::NONE),
-                    (false, false, Activation::NONE),
-                    (true, true, Activation::NONE),
-                    (true, false, Activation::plain(ActKind::Relu)),
-                ] {
+        // For 1, 2 and 4 bits: a lone partial superblock, a partial chunk, a lone whole
+        // superblock, chunks then a lone one, chunks then a partial one.
+        for k in [64usize, 96, 128, 160, 384, 416] {
+            for n in [5usize, 9, 16, 37] {
+                for table in tables(bits) {
+                    let gs = groups(k.div_ceil(BLOCK) * BLOCK);
+                    let group = gs[case % gs.len()];
+                    let rpt = [1, 3, 16, n][case / 3 % 4];
+                    let (bias, col_major, act) = outputs[case % outputs.len()];
+                    case += 1;
+                    let q = QCase::new(&mut rng, n, k, bits, group, rpt, true, table);
                     let mut io = Io::new(&mut rng, 1, n, k).with_c(col_major);
                     io.bias = bias.then(|| rng.vec(n));
                     io.act = act;

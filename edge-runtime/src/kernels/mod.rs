@@ -144,7 +144,7 @@ fn x86_64_has_avx_vnni() -> bool {
     }
 }
 
-/// True when the CPU has AVX512F, BW, VL and VNNI.
+/// True when the CPU has AVX512F, BW, VL, VNNI and VBMI (Ice Lake, Zen 4 and later).
 #[cfg(target_arch = "x86_64")]
 fn x86_64_has_avx512_vnni() -> bool {
     #[cfg(feature = "std")]
@@ -153,6 +153,7 @@ fn x86_64_has_avx512_vnni() -> bool {
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vbmi")
     }
     #[cfg(not(feature = "std"))]
     {
@@ -160,7 +161,8 @@ fn x86_64_has_avx512_vnni() -> bool {
             target_feature = "avx512f",
             target_feature = "avx512bw",
             target_feature = "avx512vl",
-            target_feature = "avx512vnni"
+            target_feature = "avx512vnni",
+            target_feature = "avx512vbmi"
         ))
     }
 }

@@ -29,11 +29,17 @@
 //! accumulator's start — no sign trick, no i16 intermediate.
 //!
 //! Tiles: 4 weight rows × 1 activation row for GEMV (8 with `vpdpbusd`), 2 × 4 otherwise.
-//! With AVX512-VNNI, GEMVs of 1-, 2- and 4-bit codes hold the same superblock of two weight
-//! rows in one 512-bit register (the activation superblock copied into both halves, with each
-//! lane's group index so that scales need no division), 16 weight rows per tile, the tile's
-//! group scales converted to f32 during the tile before (loads right behind the stores they
-//! read stall), and a row's last, partial superblock read with a masked load.
+//! With AVX512-VNNI (and VBMI), GEMVs of 1-, 2- and 4-bit codes hold two consecutive
+//! superblocks of one weight row in a 512-bit register (one 64-byte load for 2 and 4 bits), in
+//! tiles of 8 rows with tables (each row's table stays in a register) and 16 without. Every
+//! row is addressed from the tile's first, the codes are multiplied in one `vpdpbusd` chain
+//! per row (affine 1- and 2-bit codes as 2·code and 4·code, their planes picked by `vpermb`
+//! or masked in place, the activation scales halved or quartered to match), and each lane's
+//! group index is prepared with the activations, so that the f16 group scales need no
+//! division. A row with an odd number of superblocks ends with a *tail*: the last superblock of
+//! two rows in one register; a partial superblock is read with masked loads. The last tile of a
+//! product ends at its last row (its first rows computed again), so every row takes the same
+//! arithmetic; only products with fewer rows than a tile repeat their last row.
 //!
 //! The activation side of a superblock (permuted codes, `|q|` or `β·Σq`, per-lane `d`) is
 //! prepared once per activation tile in a bounded stack buffer and shared by every weight row
@@ -662,8 +668,14 @@ fn q8_with(
     // The tables decide the mode.
     let e = l.entries();
     let luts = &w.bytes[l.lut_i8_off..l.lut_i8_off + l.tables * e];
-    // SAFETY: the CPU has AVX2 (checked above).
-    let (lo, hi) = unsafe { i8_range(luts) };
+    // The range of the table values matters to `maddubs` only (a scan of every table: with
+    // one table per row, a tenth of a 4-bit weight's bytes).
+    let (lo, hi) = if dot == MADDUBS {
+        // SAFETY: the CPU has AVX2 (checked above).
+        unsafe { i8_range(luts) }
+    } else {
+        (0, 0)
+    };
     let maxabs = (lo as i32).abs().max(hi as i32);
     let t0: &[u8] = &luts[..e];
     let (mut mode, mut alpha, mut beta, mut floor) = (TABLE, 0i16, 0i16, 0i8);
@@ -781,7 +793,7 @@ unsafe fn q8_run_avx_vnni<const B: usize, const MODE: u8>(cx: &Q8, m: usize, n: 
 ///
 /// # Safety
 /// As for [`q8_run_avx2`], and AVX512-VNNI with AVX512-VL must be available.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
 unsafe fn q8_run_avx512_vnni<const B: usize, const MODE: u8>(cx: &Q8, m: usize, n: usize) {
     // SAFETY: as the caller guarantees.
     unsafe { q8_run::<B, MODE, false, false, AVX512_VNNI>(cx, m, n) }
@@ -837,36 +849,44 @@ unsafe fn q8_tiles<
     unsafe {
         let nsb = cx.nb.div_ceil(sb_blocks(B));
         let mut buf = [const { core::mem::MaybeUninit::<Acts>::uninit() }; ACTS_CAP];
-        // AVX-512 GEMV: two weight rows per zmm register (1, 2 and 4 bits, byte tables or
-        // affine codes).
+        // AVX-512 GEMV: two superblocks of a weight row per zmm register (1, 2 and 4 bits, byte
+        // tables or affine codes).
+        // Tiles of 8 rows with tables (a register each), else 16.
+        let nw = if MODE == TABLE {
+            ZMM_ROWS
+        } else {
+            2 * ZMM_ROWS
+        };
         let zmm = DOT == AVX512_VNNI && matches!(B, 1 | 2 | 4) && MODE != LINEAR8;
         let mut dup = [const { core::mem::MaybeUninit::<Acts2>::uninit() }; ACTS_CAP];
-        let mut sfb = [const { core::mem::MaybeUninit::<f32>::uninit() }; 2 * ZMM_SCALES];
         if m < 4 {
             for i in 0..m {
                 let pre = (nsb <= ACTS_CAP)
                     .then(|| q8_prepare::<B, MODE, ABS_W, DOT>(cx, i, 1, m, &mut buf));
                 if let (true, Some(pre)) = (zmm, pre) {
-                    let acts = q8_dup::<B>(cx, pre, nsb, &mut dup);
-                    // Each tile's scales are converted during the tile before: loads right
-                    // after the stores they read would wait for them to drain.
-                    let sf0 = sfb.as_mut_ptr() as *mut f32;
-                    let sf = |t: usize| sf0.add(t % 2 * ZMM_SCALES);
-                    if G {
-                        zmm_scales(cx, 0, sf(0));
-                    }
-                    // Prefetch distance in tiles, worked out once (a division).
-                    let ahead = gemv_ahead(ZMM_ROWS * cx.rb);
-                    for (t, j) in (0..n).step_by(ZMM_ROWS).enumerate() {
-                        if G && j + ZMM_ROWS < n {
-                            zmm_scales(cx, j + ZMM_ROWS, sf(t + 1));
+                    let acts = q8_chunks::<B, MODE>(cx, pre, nsb, &mut dup);
+                    // Prefetch distance in tiles and the steps of a row, worked out once
+                    // (divisions).
+                    let ahead = gemv_ahead(nw * cx.rb);
+                    let cb = 2 * sb_blocks(B) * cx.bb;
+                    let (nfull, rest) = (cx.rb / cb, cx.rb % cb);
+                    let z = ZTile {
+                        acts,
+                        ahead,
+                        nfull,
+                        rest,
+                    };
+                    // Whole tiles (the last one ends at n, its first rows computed again by the
+                    // same arithmetic), or one tile repeating the last row when n is smaller.
+                    const W: usize = 2 * ZMM_ROWS;
+                    for j in (0..n).step_by(nw) {
+                        let j = j.min(n.saturating_sub(nw));
+                        match (MODE == TABLE, n >= nw) {
+                            (true, true) => zmm_tile::<B, MODE, G, ZMM_ROWS, false>(cx, j, i, z),
+                            (true, false) => zmm_tile::<B, MODE, G, ZMM_ROWS, true>(cx, j, i, z),
+                            (false, true) => zmm_tile::<B, MODE, G, W, false>(cx, j, i, z),
+                            (false, false) => zmm_tile::<B, MODE, G, W, true>(cx, j, i, z),
                         }
-                        let z = ZTile {
-                            acts,
-                            scales: sf(t),
-                            ahead,
-                        };
-                        zmm_tile::<B, MODE, G>(cx, j, i, z);
                     }
                 } else if DOT == MADDUBS {
                     for j in (0..n).step_by(4) {
@@ -889,12 +909,6 @@ unsafe fn q8_tiles<
         }
     }
 }
-
-/// Weight rows per AVX-512 GEMV tile (two per register).
-const ZMM_ROWS: usize = 16;
-
-/// Room for the group scales of one AVX-512 GEMV tile as f32, and 16 zeros after them.
-const ZMM_SCALES: usize = ZMM_ROWS * 4 * ACTS_CAP + 16;
 
 /// Activation superblocks prepared once per activation tile (in a stack buffer of
 /// `ACTS_CAP · 320` bytes) and shared by every weight row; longer rows prepare them per tile.
@@ -1181,57 +1195,89 @@ unsafe fn q8_step<
 }
 
 // ---------------------------------------------------------------------------------------------
-// int8 activations, AVX-512 GEMV: two weight rows per zmm register
+// int8 activations, AVX-512 GEMV: two superblocks of one weight row per zmm register
 // ---------------------------------------------------------------------------------------------
 
-/// One activation superblock in both 256-bit halves of a zmm register, each half meeting one
-/// of two weight rows, ready to multiply.
+/// Weight rows per AVX-512 GEMV tile with tables: each row's table and accumulator stay in
+/// registers. Without tables a tile holds twice as many rows (fewer tile ends per row: on
+/// Zen 4 ternary GEMVs ran ~10% faster).
+const ZMM_ROWS: usize = 8;
+
+/// One zmm step of an activation row, ready to multiply: a *chunk* (superblocks 2c and 2c + 1,
+/// in the low and high 256 bits, met by one weight row), or the *tail* (a row's last superblock
+/// when their number is odd, in both halves, met by two weight rows at once).
 #[derive(Clone, Copy)]
 struct Acts2 {
     t: [__m512i; 4],
     /// As [`Acts::bsq`] (`vpdpbusd` modes).
     bsq: __m512i,
     dv: __m512,
-    /// The superblock's first group, and for each lane the index of its group's scale among
-    /// the 16 scales from `g0` on of the low half's row (0..16) and of the high half's (16..32).
+    /// The step's first group; for each lane the index of its group's scale among the row's
+    /// 8 scales from `g0` on (a chunk), or among those of the low half's row (0..8) and of the
+    /// high half's (16..24) (the tail); and which of the 8 exist (a row's last groups).
     g0: usize,
-    gidx: __m512i,
+    gidx: __m256i,
+    gmask: u8,
 }
 
-/// Copies one activation row's prepared superblocks (`nsb` from `pre`) into both halves of
-/// `buf`'s registers.
+/// Arranges one activation row's prepared superblocks (`nsb` from `pre`) into zmm steps in
+/// `buf`: `nsb / 2` chunks, then the tail when `nsb` is odd.
 ///
 /// # Safety
 /// AVX512F must be available; `pre` must hold `nsb ≤ ACTS_CAP` prepared superblocks.
 #[inline(always)]
-unsafe fn q8_dup<const B: usize>(
+unsafe fn q8_chunks<const B: usize, const MODE: u8>(
     cx: &Q8,
     pre: *const Acts,
     nsb: usize,
     buf: &mut [core::mem::MaybeUninit<Acts2>; ACTS_CAP],
 ) -> *const Acts2 {
-    // SAFETY: entries sb < nsb ≤ ACTS_CAP of `pre` are prepared.
+    // SAFETY: entries sb < nsb ≤ ACTS_CAP of `pre` are prepared; at most nsb entries written.
     unsafe {
-        let dup = |a: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), a);
+        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
         let s = sb_blocks(B);
         let mut lanes = [0i32; 8];
         _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, lane_blocks::<B>());
-        for sb in 0..nsb {
-            // Blocks past the row (a partial superblock) take the last block's group: their
-            // products are zero, their scales must merely be finite.
-            let group = |blk: usize| blk.min(cx.nb - 1) / cx.bpg;
-            let g0 = group(sb * s);
-            let mut gidx = [0i32; 16];
-            for (l, g) in gidx.iter_mut().enumerate() {
-                *g = (group(sb * s + lanes[l % 8] as usize) - g0 + l / 8 * 16) as i32;
+        // Blocks past the row (a partial superblock) take the last block's group: their
+        // products are zero, their scales must merely be finite.
+        let group = |blk: usize| blk.min(cx.nb - 1) / cx.bpg;
+        for c in 0..nsb.div_ceil(2) {
+            let tail = 2 * c + 1 == nsb;
+            let sbs = [2 * c, if tail { 2 * c } else { 2 * c + 1 }];
+            let mut g0 = 0;
+            let mut gidx = [0u16; 16];
+            if cx.gpr > 1 {
+                g0 = group(sbs[0] * s);
+                for (l, g) in gidx.iter_mut().enumerate() {
+                    let half = l / 8;
+                    // A chunk spans 2s ≤ 8 blocks, so at most 8 groups.
+                    let own = group(sbs[half] * s + lanes[l % 8] as usize) - g0;
+                    *g = (own + if tail { 16 * half } else { 0 }) as u16;
+                }
             }
-            let a = &*pre.add(sb);
-            buf[sb].write(Acts2 {
-                t: core::array::from_fn(|k| dup(a.t[k])),
-                bsq: dup(a.bsq),
-                dv: join_ps(a.dv, a.dv),
+            let gmask = ((1u32 << (cx.gpr - g0).min(8)) - 1) as u8;
+            let (a0, a1) = (&*pre.add(sbs[0]), &*pre.add(sbs[1]));
+            // Affine 1- and 2-bit codes come as 2·code and 4·code (`zmm_codes`): sums twice or
+            // four times as large, exactly, met by β·Σq as large and d as small.
+            let (bsq, dv) = (join(a0.bsq, a1.bsq), join_ps(a0.dv, a1.dv));
+            let (bsq, dv) = match (MODE, B) {
+                (AFFINE, 2) => (
+                    _mm512_slli_epi32::<2>(bsq),
+                    _mm512_mul_ps(dv, _mm512_set1_ps(0.25)),
+                ),
+                (AFFINE, 1) => (
+                    _mm512_slli_epi32::<1>(bsq),
+                    _mm512_mul_ps(dv, _mm512_set1_ps(0.5)),
+                ),
+                _ => (bsq, dv),
+            };
+            buf[c].write(Acts2 {
+                t: core::array::from_fn(|k| join(a0.t[k], a1.t[k])),
+                bsq,
+                dv,
                 g0,
-                gidx: _mm512_loadu_si512(gidx.as_ptr() as *const __m512i),
+                gidx: _mm256_loadu_si256(gidx.as_ptr() as *const __m256i),
+                gmask,
             });
         }
         buf.as_ptr() as *const Acts2
@@ -1250,386 +1296,153 @@ unsafe fn join_ps(a: __m256, b: __m256) -> __m512 {
     }
 }
 
-/// The codes of one superblock of two weight rows, one byte per weight: row `p0`'s in the low
-/// 256 bits, row `p1`'s in the high, each in the order of [`superblock_codes`], but with the
-/// odd planes masked in place instead of shifted down: 4·code for 2-bit codes, 2·code for
-/// 1-bit ones (fewer shifts). With `PART`,
-/// only `len` bytes of each row are read (the superblock at a row's end), the rest is zero.
+/// Loads one weight row's chunk at `p` (`len` bytes with `PART`, the rest zero): 64 bytes for
+/// 2- and 4-bit codes; for 1-bit codes its two 16-byte superblocks as 128-bit lanes
+/// `[s0, s0, s1, s1]`.
 #[inline(always)]
-unsafe fn rowpair_codes<const B: usize, const PART: bool>(
+unsafe fn chunk_bytes<const B: usize, const PART: bool>(p: *const u8, len: usize) -> __m512i {
+    // SAFETY: the caller guarantees the chunk's bytes (`len` with `PART`) at `p`; the masked
+    // loads read no more; AVX512F/BW/VL are enabled.
+    unsafe {
+        if B == 1 {
+            let (l0, l1) = if PART {
+                (len.min(16), len.saturating_sub(16))
+            } else {
+                (16, 16)
+            };
+            return pair_bytes::<B, PART>(p, l0, p.add(16), l1);
+        }
+        if PART {
+            _mm512_maskz_loadu_epi8((1u64 << len) - 1, p as *const i8)
+        } else {
+            _mm512_loadu_si512(p as *const __m512i)
+        }
+    }
+}
+
+/// Loads one superblock from each of two places (`len0` and `len1` bytes with `PART`), `p0`'s
+/// in the low 256 bits and `p1`'s in the high (for 1-bit codes: 128-bit lanes
+/// `[p0, p0, p1, p1]`).
+#[inline(always)]
+unsafe fn pair_bytes<const B: usize, const PART: bool>(
     p0: *const u8,
+    len0: usize,
     p1: *const u8,
-    len: usize,
-) -> [__m512i; 4] {
-    // SAFETY: the caller guarantees a superblock's bytes (`len` with `PART`) at `p0` and `p1`;
-    // the masked loads read no more; AVX512F/BW/VL are enabled.
+    len1: usize,
+) -> __m512i {
+    // SAFETY: the caller guarantees a superblock's bytes (`len0`, `len1` with `PART`) at `p0`
+    // and `p1`; the masked loads read no more; AVX512F/BW/VL are enabled.
+    unsafe {
+        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+        if B == 1 {
+            let load = |p: *const u8, len: usize| {
+                let x = if PART {
+                    _mm_maskz_loadu_epi8(((1u32 << len) - 1) as u16, p as *const i8)
+                } else {
+                    _mm_loadu_si128(p as *const __m128i)
+                };
+                _mm256_broadcastsi128_si256(x)
+            };
+            return join(load(p0, len0), load(p1, len1));
+        }
+        let load = |p: *const u8, len: usize| {
+            if PART {
+                _mm256_maskz_loadu_epi8(((1u64 << len) - 1) as u32, p as *const i8)
+            } else {
+                _mm256_loadu_si256(p as *const __m256i)
+            }
+        };
+        join(load(p0, len0), load(p1, len1))
+    }
+}
+
+/// `vpermb` tables giving 4·code of the 2-bit code at bits 0..2 and at bits 4..6 of an index.
+const PLANE_X4: [[i8; 64]; 2] = {
+    let mut t = [[0i8; 64]; 2];
+    let mut i = 0;
+    while i < 64 {
+        t[0][i] = 4 * (i & 3) as i8;
+        t[1][i] = 4 * ((i >> 4) & 3) as i8;
+        i += 1;
+    }
+    t
+};
+
+/// The codes of a zmm step loaded by [`chunk_bytes`] or [`pair_bytes`], one byte per weight in
+/// the order of [`superblock_codes`] in each half, as the multiply wants them. For 1- and
+/// 2-bit codes every plane is masked where it lies or one shift away: tables get the odd planes
+/// as 2·code or 4·code (their tables repeat entries to match), affine codes get every plane as
+/// 2·code or 4·code, so one `vpdpbusd` chain sums them (and [`q8_chunks`] scales the
+/// activation side to match).
+#[inline(always)]
+unsafe fn zmm_codes<const B: usize, const MODE: u8>(x: __m512i) -> [__m512i; 4] {
+    // SAFETY: register-only AVX512F/BW operations; the caller runs with them enabled.
     unsafe {
         let z = _mm512_setzero_si512();
-        let join = |a: __m256i, b: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+        let and = _mm512_and_si512;
+        let affine = MODE == AFFINE;
         match B {
-            4 | 2 => {
-                let load = |p: *const u8| {
-                    if PART {
-                        _mm256_maskz_loadu_epi8(((1u64 << len) - 1) as u32, p as *const i8)
-                    } else {
-                        _mm256_loadu_si256(p as *const __m256i)
-                    }
-                };
-                let x = join(load(p0), load(p1));
-                if B == 4 {
-                    let m = _mm512_set1_epi8(0x0F);
+            4 => {
+                let m = _mm512_set1_epi8(0x0F);
+                [and(x, m), and(_mm512_srli_epi16::<4>(x), m), z, z]
+            }
+            2 => {
+                let (m0, m1) = (_mm512_set1_epi8(3), _mm512_set1_epi8(0x0C));
+                if affine {
+                    // Planes 0 and 2 by `vpermb` on the bytes as they are (6 bits of each
+                    // index: planes 0..3), planes 1 and 3 masked in place.
+                    let t0 = _mm512_loadu_si512(PLANE_X4[0].as_ptr() as *const __m512i);
+                    let t2 = _mm512_loadu_si512(PLANE_X4[1].as_ptr() as *const __m512i);
                     [
-                        _mm512_and_si512(x, m),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(x), m),
-                        z,
-                        z,
+                        _mm512_permutexvar_epi8(x, t0),
+                        and(x, m1),
+                        _mm512_permutexvar_epi8(x, t2),
+                        and(_mm512_srli_epi16::<4>(x), m1),
                     ]
                 } else {
-                    // Odd planes masked in place, not shifted down: 4·code.
-                    let (m0, m1) = (_mm512_set1_epi8(3), _mm512_set1_epi8(0x0C));
                     let y = _mm512_srli_epi16::<4>(x);
-                    [
-                        _mm512_and_si512(x, m0),
-                        _mm512_and_si512(x, m1),
-                        _mm512_and_si512(y, m0),
-                        _mm512_and_si512(y, m1),
-                    ]
+                    [and(x, m0), and(x, m1), and(y, m0), and(y, m1)]
                 }
             }
             _ => {
-                // 16 bytes per row; 128-bit lanes [p0, p0, p1, p1], shifted by s and s + 4.
-                let load = |p: *const u8| {
-                    let x = if PART {
-                        _mm_maskz_loadu_epi8(((1u32 << len) - 1) as u16, p as *const i8)
-                    } else {
-                        _mm_loadu_si128(p as *const __m128i)
-                    };
-                    _mm256_broadcastsi128_si256(x)
-                };
-                let x = join(load(p0), load(p1));
+                // 128-bit lanes [s0, s0, s1, s1], shifted by s and s + 4.
                 let by = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
                 let y = _mm512_srlv_epi32(x, by);
-                let y2 = _mm512_srli_epi32::<2>(y);
-                // Odd planes masked in place: 2·code.
                 let (m0, m1) = (_mm512_set1_epi8(1), _mm512_set1_epi8(2));
-                [
-                    _mm512_and_si512(y, m0),
-                    _mm512_and_si512(y, m1),
-                    _mm512_and_si512(y2, m0),
-                    _mm512_and_si512(y2, m1),
-                ]
-            }
-        }
-    }
-}
-
-/// An AVX-512 GEMV tile: weight rows `j0..j0 + ZMM_ROWS` (past `n`, the last one repeated and
-/// its results dropped) times activation row `i0`.
-///
-/// # Safety
-/// AVX512F/BW/VL and AVX512-VNNI must be available; `cx` must describe valid extents, with
-/// `j0 < n` and `i0 < m`; `z` as [`q8_tiles`] prepares it.
-#[inline(always)]
-unsafe fn zmm_tile<const B: usize, const MODE: u8, const G: bool>(
-    cx: &Q8,
-    j0: usize,
-    i0: usize,
-    z: ZTile,
-) {
-    // SAFETY: every pointer addresses row min(j0 + r, n − 1) of the codes or tables (checked
-    // in `qgemm_q8`); tables near the end of the bytes are read from zero-padded copies.
-    unsafe {
-        let row = |r: usize| (j0 + r).min(cx.n - 1);
-        let mut cp = [core::ptr::null::<u8>(); ZMM_ROWS];
-        for (r, p) in cp.iter_mut().enumerate() {
-            *p = cx.codes.add(row(r) * cx.rb);
-        }
-        // Tables: 16 bytes read (entries past 2^b are never looked up).
-        let mut tcopy = [[0u8; 16]; ZMM_ROWS];
-        let mut tp = [core::ptr::null::<u8>(); ZMM_ROWS];
-        if MODE == TABLE {
-            for r in 0..ZMM_ROWS {
-                let t = table_of(row(r), cx.rpt, cx.n);
-                tp[r] = cx.lut.add(t * cx.entries);
-                if B < 4 && t >= cx.direct_tables {
-                    core::ptr::copy_nonoverlapping(tp[r], tcopy[r].as_mut_ptr(), 1 << B);
-                    tp[r] = tcopy[r].as_ptr();
-                }
-            }
-        }
-        if MODE != AFFINE || cx.alpha == 1 {
-            q8_rowpairs::<B, MODE, G, true, ZMM_ROWS>(cx, j0, i0, &cp, &tp, z);
-        } else {
-            q8_rowpairs::<B, MODE, G, false, ZMM_ROWS>(cx, j0, i0, &cp, &tp, z);
-        }
-    }
-}
-
-/// A GEMV tile of `NW` weight rows, two rows per register: `acc[r][0]` gets the lane sums of
-/// row `r`, as the 256-bit loop would leave them. `PLAIN`: no affine step to apply (α = 1).
-///
-/// # Safety
-/// AVX512F/BW/VL and AVX512-VNNI must be available; the row pointers are those of
-/// [`q8_tile`] at the row starts, `acts` the activation row's [`q8_dup`].
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8_rowpairs<
-    const B: usize,
-    const MODE: u8,
-    const G: bool,
-    const PLAIN: bool,
-    const NW: usize,
->(
-    cx: &Q8,
-    j0: usize,
-    i0: usize,
-    cp: &[*const u8; NW],
-    tp: &[*const u8; NW],
-    z: ZTile,
-) {
-    // SAFETY: superblock sb's codes are the row's bytes from sb·sbb on, sbb of them but for
-    // the last, partial one (its `len` bytes, masked); the tables hold 16 bytes; the scale
-    // loads stay inside `z.scales` (16 zeros follow the tile's scales).
-    unsafe {
-        let s = sb_blocks(B);
-        let sbb = s * cx.bb;
-        let nfull = cx.nb / s;
-        debug_assert_eq!(NW, ZMM_ROWS);
-        let pairs = NW / 2;
-        let mut tz = [_mm512_setzero_si512(); 8];
-        if MODE == TABLE {
-            // Entry 4c (2 bits) or 2c (1 bit) repeats entry c, for the odd planes.
-            let spread = match B {
-                2 => _mm_setr_epi8(0, 1, 2, 3, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                _ => _mm_setr_epi8(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
-            };
-            let table = |r: usize| {
-                let t = _mm_loadu_si128(tp[r] as *const __m128i);
-                if B < 4 {
-                    _mm_shuffle_epi8(t, spread)
+                if affine {
+                    [
+                        and(_mm512_slli_epi32::<1>(y), m1),
+                        and(y, m1),
+                        and(_mm512_srli_epi32::<1>(y), m1),
+                        and(_mm512_srli_epi32::<2>(y), m1),
+                    ]
                 } else {
-                    t
+                    let y2 = _mm512_srli_epi32::<2>(y);
+                    [and(y, m0), and(y, m1), and(y2, m0), and(y2, m1)]
                 }
-            };
-            for q in 0..pairs {
-                // Row 2q's table in the low 256 bits, row 2q + 1's in the high.
-                let t = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_broadcastsi128_si256(table(2 * q))),
-                    _mm256_broadcastsi128_si256(table(2 * q + 1)),
-                );
-                tz[q] = _mm512_xor_si512(t, _mm512_set1_epi8(-128));
             }
-        }
-        let (acts, sfp) = (z.acts, z.scales);
-        let mut accz = [_mm512_setzero_ps(); 8];
-        let ahead = (j0 + NW * z.ahead) * cx.rb;
-        // Row pairs one by one, unrolled by hand: a loop keeps the arrays in memory.
-        macro_rules! superblock {
-            ($part:literal, $sb:expr, $len:expr, $($q:literal)*) => {{
-                let (a, off, len) = (&*acts.add($sb), $sb * sbb, $len);
-                $(
-                    if $q < pairs {
-                        q8_rowpair::<B, MODE, G, PLAIN, $part>(
-                            cx,
-                            cp[2 * $q].add(off),
-                            cp[2 * $q + 1].add(off),
-                            len,
-                            tz[$q],
-                            sfp.add(2 * $q * cx.gpr),
-                            sfp.add((2 * $q + 1) * cx.gpr),
-                            a,
-                            &mut accz[$q],
-                        );
-                    }
-                )*
-            }};
-        }
-        for sb in 0..nfull {
-            prefetch_ahead(cx.codes, ahead, sb * NW * sbb, NW * sbb);
-            superblock!(false, sb, sbb, 0 1 2 3 4 5 6 7);
-        }
-        if nfull * s < cx.nb {
-            superblock!(true, nfull, cx.rb - nfull * sbb, 0 1 2 3 4 5 6 7);
-        }
-        zmm_out::<G>(cx, i0, j0, &accz);
-    }
-}
-
-/// Writes the outputs of an AVX-512 GEMV tile: rows `j0..j0 + 16` (those below n), row 2q's
-/// lane sums in the low half of `accz[q]` and row 2q + 1's in the high, times their factors.
-///
-/// # Safety
-/// As for [`q8_rowpairs`], with `ZMM_ROWS` = 16.
-#[inline(always)]
-unsafe fn zmm_out<const G: bool>(cx: &Q8, i0: usize, j0: usize, accz: &[__m512; 8]) {
-    // SAFETY: register-only AVX-512 operations; a whole tile (j0 + 16 ≤ n) reads the table
-    // scales, row scales (one per row without groups) and bias of rows j0..j0 + 16 and writes
-    // C's row i0 there, all checked in `qgemm_q8`; else `put4` of outputs below n.
-    unsafe {
-        // Adjacent elements added: [a0+a1, a2+a3, b0+b1, b2+b3] per 128-bit lane.
-        let fold = |a: __m512, b: __m512| {
-            let even = _mm512_shuffle_ps::<0b10_00_10_00>(a, b);
-            let odd = _mm512_shuffle_ps::<0b11_01_11_01>(a, b);
-            _mm512_add_ps(even, odd)
-        };
-        let f1: [__m512; 4] = core::array::from_fn(|q| fold(accz[2 * q], accz[2 * q + 1]));
-        // Lane l of `four(a..d)`: the sums of lane l of accz[4h..4h + 4]; then each row's two
-        // lanes added (lanes 0 + 1: the low rows, 2 + 3: the high rows).
-        let four = |a: __m512, b: __m512| {
-            let x = fold(a, b);
-            _mm512_add_ps(x, _mm512_shuffle_f32x4::<0b10_11_00_01>(x, x))
-        };
-        let (h0, h1) = (four(f1[0], f1[1]), four(f1[2], f1[3]));
-        // Rows 0 2 4 6 1 3 5 7 8 10 12 14 9 11 13 15, then in order.
-        let sums = _mm512_shuffle_f32x4::<0b10_00_10_00>(h0, h1);
-        let order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-        let sums = _mm512_permutexvar_ps(order, sums);
-        let o = &cx.out;
-        if j0 + ZMM_ROWS <= cx.n && o.c_cs == 1 && o.identity && (cx.rpt == 1 || cx.rpt >= cx.n) {
-            // A whole tile: its 16 factors, bias and outputs at once (as `factors4`, `put4`).
-            let ls = if cx.rpt == 1 {
-                _mm512_loadu_ps(cx.lut_scale.add(4 * j0) as *const f32)
-            } else {
-                _mm512_set1_ps(f32_at(cx.lut_scale))
-            };
-            let f = if G {
-                ls
-            } else {
-                let s = _mm256_loadu_si256(cx.scales.add(2 * j0) as *const __m256i);
-                _mm512_mul_ps(ls, _mm512_cvtph_ps(s))
-            };
-            let mut v = _mm512_mul_ps(sums, f);
-            if !o.bias.is_null() {
-                v = _mm512_add_ps(v, _mm512_loadu_ps(o.bias.add(j0)));
-            }
-            _mm512_storeu_ps(o.c.add(i0 * o.c_rs + j0), v);
-            return;
-        }
-        // Rows past n, strided outputs, activations: four at a time (no array of the quads:
-        // it went through the stack).
-        let put = |q: usize, v: __m128| {
-            let j = j0 + 4 * q;
-            if j < cx.n {
-                o.put4(i0, j, cx.n, _mm_mul_ps(v, factors4::<G>(cx, j)));
-            }
-        };
-        put(0, _mm512_castps512_ps128(sums));
-        put(1, _mm512_extractf32x4_ps::<1>(sums));
-        put(2, _mm512_extractf32x4_ps::<2>(sums));
-        put(3, _mm512_extractf32x4_ps::<3>(sums));
-    }
-}
-
-/// The activation row and the tile's scales of an AVX-512 GEMV tile.
-#[derive(Clone, Copy)]
-struct ZTile {
-    /// The activation row's superblocks ([`q8_dup`]).
-    acts: *const Acts2,
-    /// The group scales of the tile's rows as f32 ([`zmm_scales`]).
-    scales: *const f32,
-    /// How many tiles ahead to prefetch the codes ([`gemv_ahead`]).
-    ahead: usize,
-}
-
-/// Converts the group scales of weight rows `j0..j0 + ZMM_ROWS` (clamped to the last row) to
-/// f32 at `dst`, row r's from r·gpr (the rows of a whole tile are contiguous: converted at
-/// once), then 16 zeros: every 16-lane load from a row's groups stays inside.
-///
-/// # Safety
-/// AVX512F/BW/VL must be available; `cx.gpr ≤ 4 · ACTS_CAP`, `dst` holds `ZMM_SCALES` f32.
-#[inline(always)]
-unsafe fn zmm_scales(cx: &Q8, j0: usize, dst: *mut f32) {
-    // SAFETY: rows min(j0 + r, n − 1) < n hold gpr scales each (checked in `qgemm_q8`).
-    unsafe {
-        debug_assert!(cx.gpr <= 4 * ACTS_CAP);
-        let srow = |r: usize| cx.scales.add((j0 + r).min(cx.n - 1) * cx.gpr * 2);
-        if j0 + ZMM_ROWS <= cx.n {
-            f16_to_f32s(srow(0), ZMM_ROWS * cx.gpr, dst);
-        } else {
-            for r in 0..ZMM_ROWS {
-                f16_to_f32s(srow(r), cx.gpr, dst.add(r * cx.gpr));
-            }
-        }
-        _mm512_storeu_ps(dst.add(ZMM_ROWS * cx.gpr), _mm512_setzero_ps());
-    }
-}
-
-/// Converts `count` f16 at `src` to f32 at `dst`, 16 at a time (the last 16 from a masked load:
-/// `dst` gets `count` rounded up to 16 values, the extra ones zero).
-///
-/// # Safety
-/// `count` f16 readable at `src`, room for `count` rounded up to 16 f32 at `dst`; AVX512F/BW/VL
-/// enabled.
-#[inline(always)]
-unsafe fn f16_to_f32s(src: *const u8, count: usize, dst: *mut f32) {
-    // SAFETY: as the caller guarantees; the masked load reads only the `left` values.
-    unsafe {
-        for c in (0..count).step_by(16) {
-            let left = count - c;
-            let p = src.add(2 * c);
-            let h = if left >= 16 {
-                _mm256_loadu_si256(p as *const __m256i)
-            } else {
-                _mm256_maskz_loadu_epi16(((1u32 << left) - 1) as u16, p as *const i16)
-            };
-            _mm512_storeu_ps(dst.add(c), _mm512_cvtph_ps(h));
         }
     }
 }
 
-/// One superblock `a` of two weight rows (codes at `p0`, `p1`; `len` bytes with `PART`),
-/// looked up in `tz` for tables, times the activations, scaled (the rows' group scales as f32
-/// at `sf0`, `sf1`) into `acc`.
-///
-/// # Safety
-/// As for [`q8_rowpairs`].
+/// `Σ w·q` per lane of one zmm step (i32, exact): `w` from [`zmm_codes`] (looked up in the
+/// table, for tables), `a` the activations. `PLAIN`: no affine step to apply (α = 1).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn q8_rowpair<
-    const B: usize,
-    const MODE: u8,
-    const G: bool,
-    const PLAIN: bool,
-    const PART: bool,
->(
+unsafe fn zmm_isum<const B: usize, const MODE: u8, const PLAIN: bool>(
     cx: &Q8,
-    p0: *const u8,
-    p1: *const u8,
-    len: usize,
-    tz: __m512i,
-    sf0: *const f32,
-    sf1: *const f32,
+    w: &[__m512i; 4],
     a: &Acts2,
-    acc: &mut __m512,
-) {
-    // SAFETY: as in `q8_rowpairs`.
+) -> __m512i {
+    // SAFETY: register-only AVX-512 operations; the caller runs with AVX512-VNNI enabled.
     unsafe {
         let s = sb_blocks(B);
-        let mut w = rowpair_codes::<B, PART>(p0, p1, len);
-        if MODE == TABLE {
-            for v in w.iter_mut().take(s) {
-                *v = _mm512_shuffle_epi8(tz, *v);
-            }
-        }
-        // Two chains of `vpdpbusd`, as in `q8_dot`.
         let z = _mm512_setzero_si512();
-        let (mut v0, mut v1) = (if PLAIN { a.bsq } else { z }, z);
+        let start = if PLAIN { a.bsq } else { z };
+        // One chain: eight rows in flight hide its latency.
+        let mut v = start;
         for k in 0..s {
-            if k % 2 == 0 {
-                v0 = _mm512_dpbusd_epi32(v0, w[k], a.t[k]);
-            } else {
-                v1 = _mm512_dpbusd_epi32(v1, w[k], a.t[k]);
-            }
+            v = _mm512_dpbusd_epi32(v, w[k], a.t[k]);
         }
-        // Affine codes: the odd planes' sums are 4·Σ c·q (2 bits) or 2·Σ c·q (1 bit).
-        if MODE == AFFINE {
-            match B {
-                2 => v1 = _mm512_srai_epi32::<2>(v1),
-                1 => v1 = _mm512_srai_epi32::<1>(v1),
-                _ => {}
-            }
-        }
-        let mut v = if s > 1 { _mm512_add_epi32(v0, v1) } else { v0 };
         if !PLAIN {
             v = if cx.alpha > 0 && cx.alpha.count_ones() == 1 {
                 _mm512_sll_epi32(v, _mm_cvtsi32_si128(cx.alpha.trailing_zeros() as i32))
@@ -1638,17 +1451,311 @@ unsafe fn q8_rowpair<
             };
             v = _mm512_add_epi32(v, a.bsq);
         }
-        let ds = if G {
-            let (lo, hi) = (
-                _mm512_loadu_ps(sf0.add(a.g0)),
-                _mm512_loadu_ps(sf1.add(a.g0)),
-            );
-            _mm512_mul_ps(a.dv, _mm512_permutex2var_ps(lo, a.gidx, hi))
-        } else {
-            a.dv
-        };
-        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, *acc);
+        v
     }
+}
+
+/// Looks the codes of a zmm step up in `tz` (tables: the `w + 128` bytes of each half's table
+/// in every 128-bit lane of that half).
+#[inline(always)]
+unsafe fn zmm_lookup<const B: usize, const MODE: u8>(w: &mut [__m512i; 4], tz: __m512i) {
+    // SAFETY: register-only AVX512BW operations; the caller runs with them enabled.
+    unsafe {
+        if MODE == TABLE {
+            for v in w.iter_mut().take(sb_blocks(B)) {
+                *v = _mm512_shuffle_epi8(tz, *v);
+            }
+        }
+    }
+}
+
+/// The weights of one row's chunk `x` ([`chunk_bytes`]), looked up in `tz` for tables: for
+/// 4-bit codes `vpermb` takes the code bytes as they are (it reads 6 bits of each index, and
+/// the table repeats in all four 16-byte lanes), saving the masks of [`zmm_codes`].
+#[inline(always)]
+unsafe fn chunk_weights<const B: usize, const MODE: u8>(x: __m512i, tz: __m512i) -> [__m512i; 4] {
+    // SAFETY: register-only AVX-512 operations; the caller runs with AVX512BW and VBMI enabled.
+    unsafe {
+        if MODE == TABLE && B == 4 {
+            let z = _mm512_setzero_si512();
+            let hi = _mm512_srli_epi16::<4>(x);
+            return [
+                _mm512_permutexvar_epi8(x, tz),
+                _mm512_permutexvar_epi8(hi, tz),
+                z,
+                z,
+            ];
+        }
+        let mut w = zmm_codes::<B, MODE>(x);
+        zmm_lookup::<B, MODE>(&mut w, tz);
+        w
+    }
+}
+
+/// The f16 group scales at `p` (a row's, from step `a`'s first group on): the 8 a step can
+/// span, those past the row's last group zero.
+#[inline(always)]
+unsafe fn group_scales(p: *const u8, a: &Acts2) -> __m256i {
+    // SAFETY: the caller points at a row's group g0; the masked load reads only its groups
+    // g0..gpr (checked in `qgemm_q8`).
+    unsafe { _mm256_castsi128_si256(_mm_maskz_loadu_epi16(a.gmask, p as *const i16)) }
+}
+
+/// An AVX-512 GEMV tile: weight rows `j0..j0 + NW` times activation row `i0`; with `CLAMP`
+/// the rows past n repeat the last one (their results are dropped).
+///
+/// # Safety
+/// AVX512F/BW/VL, AVX512-VNNI and VBMI must be available; `cx` must describe valid extents,
+/// with `j0 + NW ≤ n` (`j0 < n` with `CLAMP`) and `i0 < m`; `z` as [`q8_tiles`] prepares it.
+#[inline(always)]
+unsafe fn zmm_tile<
+    const B: usize,
+    const MODE: u8,
+    const G: bool,
+    const NW: usize,
+    const CLAMP: bool,
+>(
+    cx: &Q8,
+    j0: usize,
+    i0: usize,
+    z: ZTile,
+) {
+    // SAFETY: the rows read (below n) and their tables exist (checked in `qgemm_q8`); the
+    // masked table loads read 2^b bytes.
+    unsafe {
+        // Tables: the 2^b bytes; entry 4c (2 bits) or 2c (1 bit) repeats entry c, for the odd
+        // planes; the sign bit flipped (w + 128). Rows step through the tables without a
+        // division per row.
+        let mut tz = [_mm512_setzero_si512(); NW];
+        let mut t = table_of(j0, cx.rpt, cx.n);
+        let t0 = t;
+        if MODE == TABLE {
+            let spread = match B {
+                2 => _mm_setr_epi8(0, 1, 2, 3, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                _ => _mm_setr_epi8(0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+            };
+            let emask = ((1u32 << (1 << B)) - 1) as u16;
+            // Rows of table t still to come, this row included.
+            let mut left = if cx.rpt >= cx.n {
+                usize::MAX
+            } else {
+                (t + 1) * cx.rpt - j0
+            };
+            for (r, tv) in tz.iter_mut().enumerate() {
+                if j0 + r < cx.n {
+                    if left == 0 {
+                        (t, left) = (t + 1, cx.rpt);
+                    }
+                    left -= 1;
+                }
+                let p = cx.lut.add(t * cx.entries);
+                let mut v = _mm_maskz_loadu_epi8(emask, p as *const i8);
+                if B < 4 {
+                    v = _mm_shuffle_epi8(v, spread);
+                }
+                *tv = _mm512_xor_si512(_mm512_broadcast_i32x4(v), _mm512_set1_epi8(-128));
+            }
+        }
+        // All the tile's rows use table t0 (their factors are one value).
+        let table = (cx.rpt > 1 && (MODE != TABLE || t == t0)).then_some(t0);
+        let p0 = cx.codes.add(j0 * cx.rb);
+        if MODE != AFFINE || cx.alpha == 1 {
+            zmm_rows::<B, MODE, G, true, NW, CLAMP>(cx, j0, i0, p0, &tz, z, table);
+        } else {
+            zmm_rows::<B, MODE, G, false, NW, CLAMP>(cx, j0, i0, p0, &tz, z, table);
+        }
+    }
+}
+
+/// The steps of an AVX-512 GEMV tile (its first row's codes at `p0`, tables from
+/// [`zmm_tile`]): each row's chunks, then the rows' tails two rows at a time, then the outputs.
+///
+/// # Safety
+/// As for [`zmm_tile`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn zmm_rows<
+    const B: usize,
+    const MODE: u8,
+    const G: bool,
+    const PLAIN: bool,
+    const NW: usize,
+    const CLAMP: bool,
+>(
+    cx: &Q8,
+    j0: usize,
+    i0: usize,
+    p0: *const u8,
+    tz: &[__m512i; NW],
+    z: ZTile,
+    table: Option<usize>,
+) {
+    // SAFETY: chunk c of row r is the bytes from p0 + r·rb + c·cb on, cb of them but for a
+    // last, partial chunk (`rest` bytes, masked); the tail's `rest` bytes follow the whole
+    // chunks; every row lies below n.
+    unsafe {
+        let sbb = sb_blocks(B) * cx.bb;
+        let cb = 2 * sbb;
+        let (nfull, rest, rb) = (z.nfull, z.rest, cx.rb);
+        // Row j0's group scales, and the bytes from one row's to the next's.
+        let (s0, srb) = (cx.scales.add(2 * j0 * cx.gpr), 2 * cx.gpr);
+        let mut acc = [_mm512_setzero_ps(); NW];
+        let ahead = (j0 + NW * z.ahead) * rb;
+        // Row r of the tile (rows past n repeat the last one when the tile is clamped).
+        let last = cx.n - 1 - j0;
+        let row = |r: usize| if CLAMP { r.min(last) } else { r };
+        // One step of every row, unrolled by hand: a loop keeps the arrays in memory. Rows are
+        // addressed from one pointer, so the compiler needs no register per row.
+        macro_rules! chunk {
+            ($part:literal, $c:expr, $len:expr, $($r:literal)*) => {{
+                let (a, p, len) = (&*z.acts.add($c), p0.add($c * cb), $len);
+                let sp = s0.add(2 * a.g0);
+                $(if $r < NW {
+                    let w = chunk_weights::<B, MODE>(
+                        chunk_bytes::<B, $part>(p.add(row($r) * rb), len),
+                        tz[$r],
+                    );
+                    let v = zmm_isum::<B, MODE, PLAIN>(cx, &w, a);
+                    let ds = if G {
+                        let g = group_scales(sp.add(row($r) * srb), a);
+                        let g = _mm512_cvtph_ps(_mm256_permutexvar_epi16(a.gidx, g));
+                        _mm512_mul_ps(a.dv, g)
+                    } else {
+                        a.dv
+                    };
+                    acc[$r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, acc[$r]);
+                })*
+            }};
+        }
+        if rest > sbb {
+            chunk!(true, nfull, rest, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        } else if rest > 0 {
+            // The tail: rows 2q and 2q + 1 share a register; their lanes are added to the
+            // rows' own (the same additions whichever half a row is in). First, so that its
+            // chain of latencies runs under the chunks.
+            let (a, p) = (&*z.acts.add(nfull), p0.add(nfull * cb));
+            let sp = s0.add(2 * a.g0);
+            macro_rules! tail {
+                ($part:literal, $($q:literal)*) => {{
+                    $(if $q < NW / 2 {
+                        let (r0, r1) = (2 * $q, 2 * $q + 1);
+                        let (p_0, p_1) = (p.add(row(r0) * rb), p.add(row(r1) * rb));
+                        let x = pair_bytes::<B, $part>(p_0, rest, p_1, rest);
+                        let mut w = zmm_codes::<B, MODE>(x);
+                        let t = _mm512_inserti64x4::<1>(tz[r0], _mm512_castsi512_si256(tz[r1]));
+                        zmm_lookup::<B, MODE>(&mut w, t);
+                        let v = zmm_isum::<B, MODE, PLAIN>(cx, &w, a);
+                        let ds = if G {
+                            let (lo, hi) = (
+                                group_scales(sp.add(row(r0) * srb), a),
+                                group_scales(sp.add(row(r1) * srb), a),
+                            );
+                            let g = _mm256_permutex2var_epi16(lo, a.gidx, hi);
+                            _mm512_mul_ps(a.dv, _mm512_cvtph_ps(g))
+                        } else {
+                            a.dv
+                        };
+                        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(v), ds);
+                        acc[r0] = _mm512_add_ps(acc[r0], _mm512_maskz_mov_ps(0x00FF, v));
+                        let high = _mm512_maskz_shuffle_f32x4::<0b00_00_11_10>(0x00FF, v, v);
+                        acc[r1] = _mm512_add_ps(acc[r1], high);
+                    })*
+                }};
+            }
+            prefetch_ahead(cx.codes, ahead, nfull * NW * cb, NW * rest);
+            if rest == sbb {
+                tail!(false, 0 1 2 3 4 5 6 7);
+            } else {
+                tail!(true, 0 1 2 3 4 5 6 7);
+            }
+        }
+        for c in 0..nfull {
+            prefetch_ahead(cx.codes, ahead, c * NW * cb, NW * cb);
+            chunk!(false, c, cb, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        }
+        for h in 0..NW / ZMM_ROWS {
+            let a: &[__m512; ZMM_ROWS] = (&acc[h * ZMM_ROWS..][..ZMM_ROWS]).try_into().unwrap();
+            zmm_out::<G>(cx, i0, j0 + h * ZMM_ROWS, a, table);
+        }
+    }
+}
+
+/// Writes the outputs of an AVX-512 GEMV tile: rows `j0..j0 + 8` (those below n), row r's lane
+/// sums in `acc[r]`, times their factors (`table`: the one table of all the tile's rows).
+///
+/// # Safety
+/// As for [`zmm_rows`].
+#[inline(always)]
+unsafe fn zmm_out<const G: bool>(
+    cx: &Q8,
+    i0: usize,
+    j0: usize,
+    acc: &[__m512; ZMM_ROWS],
+    table: Option<usize>,
+) {
+    // SAFETY: register-only AVX-512 operations; a whole tile (j0 + 8 ≤ n) reads the table
+    // scales, row scales (one per row without groups) and bias of rows j0..j0 + 8 and writes
+    // C's row i0 there, all checked in `qgemm_q8`; else `put4` of outputs below n.
+    unsafe {
+        // Adjacent elements added: [a0+a1, a2+a3, b0+b1, b2+b3] per 128-bit lane.
+        let fold = |a: __m512, b: __m512| {
+            let even = _mm512_shuffle_ps::<0b10_00_10_00>(a, b);
+            let odd = _mm512_shuffle_ps::<0b11_01_11_01>(a, b);
+            _mm512_add_ps(even, odd)
+        };
+        let f1: [__m512; 4] = core::array::from_fn(|q| fold(acc[2 * q], acc[2 * q + 1]));
+        // Per 128-bit lane L, the sums of lane L of rows 0..4 (`lo`) and 4..8 (`hi`); then the
+        // four lanes added, (L0 + L2) + (L1 + L3) for every row.
+        let (lo, hi) = (fold(f1[0], f1[1]), fold(f1[2], f1[3]));
+        let u = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(lo, hi),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(lo, hi),
+        );
+        let u = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b10_11_00_01>(u, u));
+        let sums = _mm512_castps512_ps256(_mm512_shuffle_f32x4::<0b00_00_10_00>(u, u));
+        let o = &cx.out;
+        let whole = j0 + ZMM_ROWS <= cx.n;
+        if whole && o.c_cs == 1 && o.identity && (cx.rpt == 1 || table.is_some()) {
+            // A whole tile: its 8 factors, bias and outputs at once (as `factors4`, `put4`).
+            let ls = match table {
+                Some(t) => _mm256_set1_ps(f32_at(cx.lut_scale.add(4 * t))),
+                None => _mm256_loadu_ps(cx.lut_scale.add(4 * j0) as *const f32),
+            };
+            let f = if G {
+                ls
+            } else {
+                let s = _mm_loadu_si128(cx.scales.add(2 * j0) as *const __m128i);
+                _mm256_mul_ps(ls, _mm256_cvtph_ps(s))
+            };
+            let mut v = _mm256_mul_ps(sums, f);
+            if !o.bias.is_null() {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(o.bias.add(j0)));
+            }
+            _mm256_storeu_ps(o.c.add(i0 * o.c_rs + j0), v);
+            return;
+        }
+        // Strided outputs, activations, rows of several tables, rows past n: four at a time.
+        let put = |q: usize, v: __m128| {
+            let j = j0 + 4 * q;
+            if j < cx.n {
+                o.put4(i0, j, cx.n, _mm_mul_ps(v, factors4::<G>(cx, j)));
+            }
+        };
+        put(0, _mm256_castps256_ps128(sums));
+        put(1, _mm256_extractf128_ps::<1>(sums));
+    }
+}
+
+/// What every AVX-512 GEMV tile of one activation row shares.
+#[derive(Clone, Copy)]
+struct ZTile {
+    /// The activation row's steps ([`q8_chunks`]).
+    acts: *const Acts2,
+    /// How many tiles ahead to prefetch the codes ([`gemv_ahead`]).
+    ahead: usize,
+    /// Whole chunks per row, and the bytes after them (a partial chunk, or the tail).
+    nfull: usize,
+    rest: usize,
 }
 
 /// The group scales of one row (`srow`, or `sf` when converted up front) for the superblock
