@@ -62,27 +62,61 @@ struct QSpec {
     codes: usize,
 }
 
+/// Values starting on a 64-byte line, as a model's weight sections are in a `.etm` mapped from
+/// a file or placed in flash (a plain `Vec` may start mid-line, and then every 64-byte load of
+/// a weight row straddles two lines).
+struct Lined<T> {
+    buf: Vec<T>,
+    at: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Lined<T> {
+    fn new(v: &[T]) -> Lined<T> {
+        let per_line = 64 / std::mem::size_of::<T>();
+        let mut buf = vec![T::default(); v.len() + per_line];
+        let at = buf.as_ptr().align_offset(64).min(per_line);
+        buf[at..at + v.len()].copy_from_slice(v);
+        Lined {
+            buf,
+            at,
+            len: v.len(),
+        }
+    }
+
+    fn get(&self) -> &[T] {
+        &self.buf[self.at..self.at + self.len]
+    }
+}
+
+/// A copy lined up in its own buffer (a plain copy of the `Vec` would move the line).
+impl<T: Copy + Default> Clone for Lined<T> {
+    fn clone(&self) -> Lined<T> {
+        Lined::new(self.get())
+    }
+}
+
 /// Weights in every encoding benchmarked.
 #[derive(Clone)]
 enum Enc {
-    Panel(Vec<f32>),
-    PanelF16(Vec<u16>),
-    Q(QBlockLayout, Vec<u8>),
-    Sparse(SparseLayout, Vec<u8>),
+    Panel(Lined<f32>),
+    PanelF16(Lined<u16>),
+    Q(QBlockLayout, Lined<u8>),
+    Sparse(SparseLayout, Lined<u8>),
 }
 
 impl Enc {
     fn weights(&self) -> Weights<'_> {
         match self {
-            Enc::Panel(p) => Weights::Panel(p),
-            Enc::PanelF16(p) => Weights::PanelF16(p),
+            Enc::Panel(p) => Weights::Panel(p.get()),
+            Enc::PanelF16(p) => Weights::PanelF16(p.get()),
             Enc::Q(l, b) => Weights::Quantized(QWeights {
                 layout: *l,
-                bytes: b,
+                bytes: b.get(),
             }),
             Enc::Sparse(l, b) => Weights::Sparse(SparseWeights {
                 layout: *l,
-                bytes: b,
+                bytes: b.get(),
             }),
         }
     }
@@ -142,7 +176,7 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
                 .to_le_bytes(),
         );
     }
-    Enc::Q(l, bytes)
+    Enc::Q(l, Lined::new(&bytes))
 }
 
 fn sparse(rng: &mut Rng, n: usize, k: usize, keep: usize, m: usize) -> Enc {
@@ -154,7 +188,7 @@ fn sparse(rng: &mut Rng, n: usize, k: usize, keep: usize, m: usize) -> Enc {
     for b in &mut bytes[l.pos_off..] {
         *b = rng.next() as u8;
     }
-    Enc::Sparse(l, bytes)
+    Enc::Sparse(l, Lined::new(&bytes))
 }
 
 fn random(rng: &mut Rng, _: usize) -> f32 {
@@ -178,17 +212,16 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
     vec![
         (
             "f32 panel",
-            Box::new(|r: &mut Rng, n, k| Enc::Panel(panel(r, n, k))),
+            Box::new(|r: &mut Rng, n, k| Enc::Panel(Lined::new(&panel(r, n, k)))),
         ),
         (
             "f16 panel",
             Box::new(|r: &mut Rng, n, k| {
-                Enc::PanelF16(
-                    panel(r, n, k)
-                        .iter()
-                        .map(|&v| f16::from_f32(v).to_bits())
-                        .collect(),
-                )
+                let bits: Vec<u16> = panel(r, n, k)
+                    .iter()
+                    .map(|&v| f16::from_f32(v).to_bits())
+                    .collect();
+                Enc::PanelF16(Lined::new(&bits))
             }),
         ),
         (
@@ -368,9 +401,9 @@ fn summary(_: &mut Criterion) {
 /// Bytes of a weight encoding.
 fn enc_bytes(e: &Enc) -> usize {
     match e {
-        Enc::Panel(p) => p.len() * 4,
-        Enc::PanelF16(p) => p.len() * 2,
-        Enc::Q(_, b) | Enc::Sparse(_, b) => b.len(),
+        Enc::Panel(p) => p.len * 4,
+        Enc::PanelF16(p) => p.len * 2,
+        Enc::Q(_, b) | Enc::Sparse(_, b) => b.len,
     }
 }
 

@@ -4,25 +4,32 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Bytes in an 16-byte aligned buffer (a model file or an arena).
+/// Bytes in a buffer aligned to a 64-byte cache line (a model file or an arena): the sections
+/// of a `.etm`, 64-byte aligned in the file, then start on cache lines too, as in a memory map
+/// or in flash, and a kernel's 64-byte loads of a weight row never straddle two lines.
 ///
 /// ```
 /// use edgetune_cli::model_file::AlignedBytes;
 /// let b = AlignedBytes::zeroed(100);
 /// assert_eq!(b.as_bytes().len(), 100);
-/// assert_eq!(b.as_bytes().as_ptr() as usize % 16, 0);
+/// assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
 /// ```
 #[derive(Clone)]
 pub struct AlignedBytes {
-    words: Vec<u128>,
+    words: Vec<Line>,
     len: usize,
 }
+
+/// One cache line of bytes: the element that aligns the buffer.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 impl AlignedBytes {
     /// `len` zero bytes.
     pub fn zeroed(len: usize) -> AlignedBytes {
         AlignedBytes {
-            words: vec![0u128; len.div_ceil(16)],
+            words: vec![Line([0; 64]); len.div_ceil(64)],
             len,
         }
     }
@@ -35,7 +42,7 @@ impl AlignedBytes {
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `words` owns at least `len` initialized bytes; u128 has no padding.
+        // SAFETY: `words` owns at least `len` initialized bytes; `Line` has no padding.
         unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
     }
 
