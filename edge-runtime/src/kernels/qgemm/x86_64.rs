@@ -1436,10 +1436,8 @@ unsafe fn zmm_isum<const B: usize, const MODE: u8, const PLAIN: bool>(
     // SAFETY: register-only AVX-512 operations; the caller runs with AVX512-VNNI enabled.
     unsafe {
         let s = sb_blocks(B);
-        let z = _mm512_setzero_si512();
-        let start = if PLAIN { a.bsq } else { z };
-        // One chain: eight rows in flight hide its latency.
-        let mut v = start;
+        // One chain: the tile's other rows in flight hide its latency.
+        let mut v = if PLAIN { a.bsq } else { _mm512_setzero_si512() };
         for k in 0..s {
             v = _mm512_dpbusd_epi32(v, w[k], a.t[k]);
         }
