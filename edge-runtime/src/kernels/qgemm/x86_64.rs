@@ -1566,7 +1566,8 @@ unsafe fn zmm_tile<
 }
 
 /// The steps of an AVX-512 GEMV tile (its first row's codes at `p0`, tables from
-/// [`zmm_tile`]): each row's chunks, then the rows' tails two rows at a time, then the outputs.
+/// [`zmm_tile`]): the rows' last, partial chunk or their tails two rows at a time, then each
+/// row's whole chunks, then the outputs.
 ///
 /// # Safety
 /// As for [`zmm_tile`].
