@@ -2,8 +2,11 @@
 
 use std::collections::BTreeMap;
 
+use edgetune_core::layout::QBlockLayout;
+use edgetune_core::model::TensorInfo;
 use edgetune_core::ops::{macs, TensorMeta};
-use edgetune_core::{Model, Storage};
+use edgetune_core::{Encoding, Model, Storage};
+use half::f16;
 use serde::Serialize;
 
 /// Bytes and tensor count of one encoding.
@@ -32,6 +35,22 @@ pub struct OpLine {
     pub macs: u64,
 }
 
+/// One weight, for `--weights`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WeightLine {
+    /// Tensor name.
+    pub name: String,
+    /// Shape.
+    pub shape: String,
+    /// Encoding and its parameters, e.g. `ternary (2-bit codes), scale per 64, int8
+    /// activations, rows tiled by 16`.
+    pub encoding: String,
+    /// Bytes in the file.
+    pub bytes: u64,
+    /// Bits per weight, tables and scales included.
+    pub bits_per_weight: f64,
+}
+
 /// What `inspect` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -56,6 +75,9 @@ pub struct Report {
     /// Per-op listing (with `--ops`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub op_list: Vec<OpLine>,
+    /// Per-weight listing (with `--weights`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<WeightLine>,
 }
 
 fn describe(m: &Model<'_>, id: u32) -> (String, String) {
@@ -63,11 +85,72 @@ fn describe(m: &Model<'_>, id: u32) -> (String, String) {
     (t.meta.dtype.name().to_string(), format!("{}", t.meta.shape))
 }
 
-/// Builds the report.
-pub fn report(m: &Model<'_>, with_ops: bool) -> Report {
+/// A weight's encoding with its parameters, read back from the file.
+fn encoding_detail(t: &TensorInfo<'_>, bytes: &[u8]) -> String {
+    match t.meta.encoding {
+        Encoding::QBlock => {
+            // Validated at load: block-quantized weights are [N, K].
+            let (n, k) = (t.meta.shape.dim(0), t.meta.shape.dim(1));
+            let Some(l) = QBlockLayout::new(n, k, t.params) else {
+                return "qblock (bad parameters)".into();
+            };
+            let f16_at = |o: usize| f16::from_le_bytes([bytes[o], bytes[o + 1]]).to_f32();
+            let levels: Vec<f32> = (0..l.entries())
+                .map(|c| f16_at(l.lut_off + 2 * c))
+                .collect();
+            let kind = if l.tables > 1 {
+                format!("codebook, {} tables", l.tables)
+            } else if levels == [-1.0, 0.0, 1.0, 2.0] {
+                "ternary".into()
+            } else if levels == [-1.0, 1.0] {
+                "binary".into()
+            } else if l.bits == 8
+                && levels
+                    .iter()
+                    .skip(1)
+                    .zip(1..)
+                    .all(|(&v, c)| v == c as f32 - 128.0)
+            {
+                // As `--int8` writes it: code c is c − 128 (code 0 unused).
+                "int8".into()
+            } else if levels
+                .iter()
+                .zip(0..)
+                .all(|(&v, c)| v == levels[0] + c as f32)
+            {
+                "integer levels".into()
+            } else {
+                "codebook".into()
+            };
+            let mut s = format!("{kind} ({}-bit codes), scale per {}", l.bits, l.group);
+            if l.int8_activations() {
+                s += ", int8 activations";
+            }
+            if l.row_tiles() {
+                s += ", rows tiled by 16";
+            }
+            s
+        }
+        Encoding::SparseNM => format!("sparse {}:{}", t.params[0], t.params[1]),
+        e => format!("{} {}", t.meta.dtype.name(), e.name()),
+    }
+}
+
+/// Builds the report: `with_ops` lists every op, `with_weights` every weight.
+pub fn report(m: &Model<'_>, with_ops: bool, with_weights: bool) -> Report {
     let mut encodings: BTreeMap<String, EncodingBytes> = BTreeMap::new();
+    let mut weights = Vec::new();
     for id in 0..m.tensor_count() {
         let t = m.tensor(id);
+        if t.meta.storage == Storage::Const && with_weights && t.meta.shape.numel() > 1 {
+            weights.push(WeightLine {
+                name: t.name.to_string(),
+                shape: format!("{}", t.meta.shape),
+                encoding: encoding_detail(&t, m.const_bytes(id)),
+                bytes: t.len,
+                bits_per_weight: 8.0 * t.len as f64 / t.meta.shape.numel() as f64,
+            });
+        }
         if t.meta.storage == Storage::Const {
             let e = encodings
                 .entry(t.meta.encoding.name().to_string())
@@ -136,6 +219,7 @@ pub fn report(m: &Model<'_>, with_ops: bool) -> Report {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         op_list,
+        weights,
     }
 }
 
@@ -188,6 +272,16 @@ pub fn print(r: &Report) {
     println!("ops         {}", ops.join(", "));
     for (k, v) in &r.meta {
         println!("meta        {k} = {v}");
+    }
+    for w in &r.weights {
+        println!(
+            "  {:<56} {:<12} {:>10} {:>6.2} bits/weight  {}",
+            w.name,
+            w.shape,
+            bytes(w.bytes),
+            w.bits_per_weight,
+            w.encoding
+        );
     }
     for o in &r.op_list {
         println!(

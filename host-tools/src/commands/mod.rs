@@ -86,6 +86,9 @@ pub struct InspectArgs {
     /// List every op.
     #[arg(long)]
     pub ops: bool,
+    /// List every weight: shape, encoding and its parameters, bytes, bits per weight.
+    #[arg(long)]
+    pub weights: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -243,7 +246,7 @@ pub fn run(cli: Cli) -> Result<()> {
             std::fs::write(&a.output, &bytes)
                 .with_context(|| format!("writing {}", a.output.display()))?;
             let ours = Ours::from_bytes(AlignedBytes::from(&bytes[..]))?;
-            let r = inspect::report(&ours.model(), false);
+            let r = inspect::report(&ours.model(), false, false);
             if a.json {
                 print_json(&r)?;
             } else {
@@ -259,7 +262,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect(a) => {
             let ours = Ours::load(&a.model)?;
-            let r = inspect::report(&ours.model(), a.ops);
+            let r = inspect::report(&ours.model(), a.ops, a.weights);
             if a.json {
                 print_json(&r)?;
             } else {
