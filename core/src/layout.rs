@@ -26,6 +26,13 @@
 //! Parameters: `[b, G, R, flags]`; flag bit 0 asks kernels to quantize activations to int8 per
 //! block of 32 (llama.cpp's Q8_0) and use integer dot products.
 //!
+//! Flag bit 1 ([`QFLAG_ROW_TILES`]) interleaves rows by tiles of [`ROW_TILE`] (16): rows are
+//! padded to `Np = ⌈N/16⌉·16` (padding rows: code 0, scale 0), tile `t` holds, for each block
+//! `b` in order, the 16 rows' blocks `b` one after another, and the scales hold, for each tile
+//! and each group, the 16 rows' scales. A GEMV then streams one tile as 16 rows side by side:
+//! for 2-bit codes one 64-byte register is a block of 8 rows, and every step serves 16 outputs
+//! without a horizontal sum (the kernels in `edgetune-runtime`'s `qgemm`).
+//!
 //! # Sparse N:M (`Encoding::SparseNM`)
 //!
 //! In every group of `M` consecutive inputs at most `N` weights are non-zero. Per row: the kept
@@ -40,6 +47,13 @@ pub const BLOCK: usize = 32;
 
 /// Flag in a block-quantized tensor's parameters: multiply with int8-quantized activations.
 pub const QFLAG_INT8_ACTIVATIONS: u32 = 1;
+
+/// Flag in a block-quantized tensor's parameters: blocks and scales interleaved by tiles of
+/// [`ROW_TILE`] rows.
+pub const QFLAG_ROW_TILES: u32 = 2;
+
+/// Rows per tile of a [`QFLAG_ROW_TILES`] layout.
+pub const ROW_TILE: usize = 16;
 
 fn align16(v: usize) -> usize {
     v.div_ceil(16) * 16
@@ -81,7 +95,9 @@ impl QBlockLayout {
     /// when the parameters are invalid or the size overflows.
     pub fn new(n: usize, k: usize, params: [u32; 4]) -> Option<QBlockLayout> {
         let [bits, group, rpt, flags] = params.map(|p| p as usize);
-        if !(1..=8).contains(&bits) || n == 0 || k == 0 || rpt == 0 || flags & !1 != 0 {
+        let known = QFLAG_INT8_ACTIVATIONS | QFLAG_ROW_TILES;
+        if !(1..=8).contains(&bits) || n == 0 || k == 0 || rpt == 0 || flags & !known as usize != 0
+        {
             return None;
         }
         let kp = k.checked_add(BLOCK - 1)? / BLOCK * BLOCK;
@@ -90,13 +106,18 @@ impl QBlockLayout {
         }
         let tables = n.div_ceil(rpt);
         let entries = 1usize << bits;
-        let codes = n.checked_mul(kp / BLOCK)?.checked_mul(4 * bits)?;
+        let stored = if flags as u32 & QFLAG_ROW_TILES != 0 {
+            n.checked_add(ROW_TILE - 1)? / ROW_TILE * ROW_TILE
+        } else {
+            n
+        };
+        let codes = stored.checked_mul(kp / BLOCK)?.checked_mul(4 * bits)?;
         let lut_off = align16(codes);
         let int8 = flags as u32 & QFLAG_INT8_ACTIVATIONS != 0;
         let lut_i8_off = align16(lut_off.checked_add(tables.checked_mul(entries * 2)?)?);
         let lut_scale_off = align16(lut_i8_off + if int8 { tables * entries } else { 0 });
         let scales_off = align16(lut_scale_off + if int8 { tables * 4 } else { 0 });
-        let len = scales_off.checked_add(n.checked_mul(kp / group)?.checked_mul(2)?)?;
+        let len = scales_off.checked_add(stored.checked_mul(kp / group)?.checked_mul(2)?)?;
         Some(QBlockLayout {
             n,
             k,
@@ -138,9 +159,52 @@ impl QBlockLayout {
     pub fn int8_activations(&self) -> bool {
         self.flags & QFLAG_INT8_ACTIVATIONS != 0
     }
+
+    /// True when rows are interleaved by tiles of [`ROW_TILE`].
+    pub fn row_tiles(&self) -> bool {
+        self.flags & QFLAG_ROW_TILES != 0
+    }
+
+    /// Rows stored: `n`, or `n` rounded up to whole tiles.
+    pub fn stored_rows(&self) -> usize {
+        if self.row_tiles() {
+            self.n.div_ceil(ROW_TILE) * ROW_TILE
+        } else {
+            self.n
+        }
+    }
+
+    /// Byte offset of block `b` of row `n`'s codes.
+    ///
+    /// ```
+    /// # use edgetune_core::layout::{QBlockLayout, QFLAG_ROW_TILES};
+    /// // 2-bit codes (8 bytes a block), 40 rows of 64 inputs, tiled: row 17 is the second row
+    /// // of the second tile, whose blocks 0 come first.
+    /// let l = QBlockLayout::new(40, 64, [2, 64, 1, QFLAG_ROW_TILES]).unwrap();
+    /// assert_eq!(l.block_offset(17, 1), (2 * 16 + 16 + 1) * 8);
+    /// ```
+    pub fn block_offset(&self, n: usize, b: usize) -> usize {
+        if self.row_tiles() {
+            let nb = self.kp / BLOCK;
+            ((n / ROW_TILE * nb + b) * ROW_TILE + n % ROW_TILE) * self.block_bytes()
+        } else {
+            n * self.row_bytes() + b * self.block_bytes()
+        }
+    }
+
+    /// Byte offset of the f16 scale of row `n`, group `g`.
+    pub fn scale_offset(&self, n: usize, g: usize) -> usize {
+        let gpr = self.groups_per_row();
+        self.scales_off
+            + 2 * if self.row_tiles() {
+                (n / ROW_TILE * gpr + g) * ROW_TILE + n % ROW_TILE
+            } else {
+                n * gpr + g
+            }
+    }
 }
 
-/// The plane widths of `bits`-bit codes, largest first (8 → [8]; 7 → [4, 2, 1]).
+/// The plane widths of `bits`-bit codes, largest first (8 → `[8]`; 7 → `[4, 2, 1]`).
 pub fn planes(bits: usize) -> impl Iterator<Item = usize> {
     [8usize, 4, 2, 1]
         .into_iter()
@@ -255,6 +319,8 @@ pub fn panel_f16_len(n: usize, k: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    extern crate std;
+    use std::vec::Vec;
 
     #[test]
     fn four_bit_blocks_follow_q4_0_order() {
@@ -289,10 +355,37 @@ mod tests {
         assert!(QBlockLayout::new(4, 64, [9, 32, 1, 0]).is_none());
         assert!(QBlockLayout::new(4, 64, [4, 48, 1, 0]).is_none());
         assert!(QBlockLayout::new(4, 64, [4, 32, 0, 0]).is_none());
+        assert!(QBlockLayout::new(4, 64, [4, 32, 1, 4]).is_none());
         let l = QBlockLayout::new(3, 70, [4, 32, 3, 1]).unwrap();
         assert_eq!((l.kp, l.tables, l.row_bytes()), (96, 1, 48));
         assert!(SparseLayout::new(4, 6, [2, 4, 0, 0]).is_none());
         let s = SparseLayout::new(2, 8, [2, 4, 0, 0]).unwrap();
         assert_eq!((s.pos_bits, s.per_row(), s.pos_row_bytes), (2, 4, 1));
+    }
+
+    #[test]
+    fn row_tiles_place_every_block_and_scale_once_inside_the_padded_parts() {
+        for (n, k, bits) in [(1, 32, 2), (17, 96, 2), (40, 70, 4), (16, 64, 1)] {
+            let l = QBlockLayout::new(n, k, [bits, 32, 1, QFLAG_ROW_TILES]).unwrap();
+            let np = n.div_ceil(ROW_TILE) * ROW_TILE;
+            let nb = l.kp / BLOCK;
+            let mut blocks: Vec<usize> = (0..np)
+                .flat_map(|r| (0..nb).map(move |b| (r, b)))
+                .map(|(r, b)| l.block_offset(r, b))
+                .collect();
+            blocks.sort_unstable();
+            let expect: Vec<usize> = (0..np * nb).map(|i| i * l.block_bytes()).collect();
+            assert_eq!(blocks, expect, "n {n} k {k} bits {bits}");
+            let gpr = l.groups_per_row();
+            let mut scales: Vec<usize> = (0..np)
+                .flat_map(|r| (0..gpr).map(move |g| (r, g)))
+                .map(|(r, g)| l.scale_offset(r, g))
+                .collect();
+            scales.sort_unstable();
+            let expect: Vec<usize> = (0..np * gpr).map(|i| l.scales_off + 2 * i).collect();
+            assert_eq!(scales, expect);
+            assert_eq!(l.len, l.scales_off + np * gpr * 2);
+            assert!(np * l.row_bytes() <= l.lut_off);
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgetune_core::layout::{
-    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS, QFLAG_ROW_TILES,
 };
 use edgetune_core::Activation;
 use edgetune_runtime::kernels::gemm;
@@ -60,6 +60,8 @@ struct QSpec {
     table: fn(&mut Rng, usize) -> f32,
     /// Codes drawn (below `2^bits`; ternary weights use three of the four 2-bit codes).
     codes: usize,
+    /// Rows interleaved by tiles of 16 (`QFLAG_ROW_TILES`).
+    tiles: bool,
 }
 
 /// Values starting on a 64-byte line, as a model's weight sections are in a `.etm` mapped from
@@ -134,14 +136,15 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
     let kp = k.div_ceil(BLOCK) * BLOCK;
     let group = if s.group == 0 { kp } else { s.group };
     let rpt = if s.rpt == 0 { n } else { s.rpt };
-    let flags = if s.int8 { QFLAG_INT8_ACTIVATIONS } else { 0 };
+    let flags =
+        if s.int8 { QFLAG_INT8_ACTIVATIONS } else { 0 } | if s.tiles { QFLAG_ROW_TILES } else { 0 };
     let l = QBlockLayout::new(n, k, [s.bits as u32, group as u32, rpt as u32, flags]).unwrap();
     let e = l.entries();
     let mut bytes = vec![0u8; l.len];
     for r in 0..n {
         for b in 0..kp / BLOCK {
             let codes: Vec<u8> = (0..BLOCK).map(|_| rng.below(s.codes) as u8).collect();
-            let at = r * l.row_bytes() + b * l.block_bytes();
+            let at = l.block_offset(r, b);
             pack_block(&codes, s.bits, &mut bytes[at..at + l.block_bytes()]);
         }
     }
@@ -168,8 +171,9 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
             bytes[o..o + 4].copy_from_slice(&sc.to_le_bytes());
         }
     }
-    for i in 0..n * l.groups_per_row() {
-        let o = l.scales_off + i * 2;
+    let gpr = l.groups_per_row();
+    for i in 0..n * gpr {
+        let o = l.scale_offset(i / gpr, i % gpr);
         bytes[o..o + 2].copy_from_slice(
             &f16::from_f32(0.01 + rng.f32().abs() * 0.02)
                 .to_bits()
@@ -208,6 +212,7 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
         int8,
         table,
         codes: 1 << bits,
+        tiles: false,
     };
     vec![
         (
@@ -242,6 +247,15 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
             "ternary g128 q8",
             q(QSpec {
                 codes: 3,
+                ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 2.0][c])
+            }),
+        ),
+        // The same, rows interleaved by tiles of 16 (as `edgetune compress --ternary` writes).
+        (
+            "ternary g128 tiled q8",
+            q(QSpec {
+                codes: 3,
+                tiles: true,
                 ..spec(2, 128, 0, true, |_, c| [-1.0, 0.0, 1.0, 2.0][c])
             }),
         ),
@@ -360,7 +374,7 @@ fn bench(c: &mut Criterion) {
 fn summary(_: &mut Criterion) {
     let ker = Kernels::best();
     println!("\nKernels: {ker:?}, one thread. Time per product (µs) and speed-up over the f32 panel GEMM.");
-    let mut head = format!("{:<18}", "kernel");
+    let mut head = format!("{:<22}", "kernel");
     for (n, k) in SHAPES {
         for m in ms() {
             head += &format!("{:>22}", format!("m={m} W={n}x{k}"));
@@ -376,7 +390,7 @@ fn summary(_: &mut Criterion) {
         {
             continue;
         }
-        let mut line = format!("{name:<18}");
+        let mut line = format!("{name:<22}");
         let mut col = 0;
         for (n, k) in SHAPES {
             for m in ms() {
@@ -415,7 +429,7 @@ fn cold(_: &mut Criterion) {
         "\nGEMV (m = 1) with cold weights (a {} MiB working set): µs and speed-up over f32.",
         COLD_BYTES >> 20
     );
-    let mut head = format!("{:<18}", "kernel");
+    let mut head = format!("{:<22}", "kernel");
     for (n, k) in SHAPES {
         head += &format!("{:>22}", format!("W={n}x{k}"));
     }
@@ -429,7 +443,7 @@ fn cold(_: &mut Criterion) {
         {
             continue;
         }
-        let mut line = format!("{name:<18}");
+        let mut line = format!("{name:<22}");
         for (col, (n, k)) in SHAPES.into_iter().enumerate() {
             let mut rng = Rng(1);
             let enc = make(&mut rng, n, k);
@@ -472,7 +486,7 @@ fn kernel_sets(_: &mut Criterion) {
         "\nGEMV (m = 1), weights hot, per int8-activation kernel set: µs (best: {}).",
         best.qgemm_name
     );
-    let mut head = format!("{:<18}", "kernel");
+    let mut head = format!("{:<22}", "kernel");
     for (n, k) in SHAPES {
         for s in &sets {
             head += &format!(
@@ -487,7 +501,7 @@ fn kernel_sets(_: &mut Criterion) {
         if !name.ends_with(" q8") || only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
-        let mut line = format!("{name:<18}");
+        let mut line = format!("{name:<22}");
         for (n, k) in SHAPES {
             for s in &sets {
                 let mut rng = Rng(1);

@@ -5,7 +5,7 @@
 //! out with `edgetune_core::layout`), so these tests do not depend on the host-side quantizers.
 
 use edgetune_core::layout::{
-    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS, QFLAG_ROW_TILES,
 };
 use edgetune_core::{ActKind, Activation};
 use edgetune_runtime::kernels::gemm::{self, NR};
@@ -91,6 +91,22 @@ impl QCase {
         table: Table,
     ) -> QCase {
         let flags = if int8 { QFLAG_INT8_ACTIVATIONS } else { 0 };
+        QCase::with_flags(rng, n, k, bits, group, rpt, flags, table)
+    }
+
+    /// As [`QCase::new`], with any layout flags (row tiles included).
+    #[allow(clippy::too_many_arguments)]
+    fn with_flags(
+        rng: &mut Rng,
+        n: usize,
+        k: usize,
+        bits: usize,
+        group: usize,
+        rpt: usize,
+        flags: u32,
+        table: Table,
+    ) -> QCase {
+        let int8 = flags & QFLAG_INT8_ACTIVATIONS != 0;
         let l = QBlockLayout::new(n, k, [bits as u32, group as u32, rpt as u32, flags])
             .expect("valid layout");
         let e = l.entries();
@@ -119,7 +135,7 @@ impl QCase {
                         }
                     })
                     .collect();
-                let at = r * l.row_bytes() + b * l.block_bytes();
+                let at = l.block_offset(r, b);
                 pack_block(&block, bits, &mut bytes[at..at + l.block_bytes()]);
             }
         }
@@ -176,7 +192,7 @@ impl QCase {
         let mut scales = vec![0f32; n * gpr];
         for (i, s) in scales.iter_mut().enumerate() {
             *s = f16_round(0.25 + rng.f32().abs() * if rng.below(4) == 0 { -1.0 } else { 1.0 });
-            let o = l.scales_off + i * 2;
+            let o = l.scale_offset(i / gpr, i % gpr);
             bytes[o..o + 2].copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
         }
         let mut w = vec![0f32; n * k];
@@ -580,6 +596,49 @@ fn gemv_tiles_every_output_path() {
     }
 }
 
+/// Row-tiled layouts: 2-bit affine codes (ternary, int2 levels, a slope) take the row-tiled
+/// kernels, anything else the reference; rows that end inside a tile, ragged k, every group
+/// size, each m up to 6 and 32, both activation paths, and each way outputs leave.
+#[test]
+fn row_tiles_match_reference() {
+    let mut rng = Rng(21);
+    let outputs = [
+        (true, false, Activation::NONE),
+        (false, true, Activation::plain(ActKind::Relu)),
+        (false, false, Activation::plain(ActKind::Tanh)),
+    ];
+    let mut case = 0usize;
+    for bits in [2usize, 2, 2, 1, 4] {
+        for n in [1usize, 5, 16, 17, 37, 48] {
+            for k in [1usize, 32, 65, 200, 384] {
+                let kp = k.div_ceil(BLOCK) * BLOCK;
+                let gs = groups(kp);
+                let group = gs[case % gs.len()];
+                let table = match bits {
+                    2 => [Table::Ternary, Table::Linear, Table::Affine3, Table::Random][case % 4],
+                    _ => rng.pick(&tables(bits)),
+                };
+                // One table (the affine kernels), or several (the reference).
+                let rpt = if case % 5 == 4 { 3 } else { n };
+                let int8 = case % 4 != 3;
+                let flags = QFLAG_ROW_TILES | if int8 { QFLAG_INT8_ACTIVATIONS } else { 0 };
+                let (bias, col_major, act) = outputs[case % outputs.len()];
+                let m = [1, 2, 3, 4, 5, 6, 32][case % 7];
+                case += 1;
+                let q = QCase::with_flags(&mut rng, n, k, bits, group, rpt, flags, table);
+                let mut io = Io::new(&mut rng, m, n, k).with_c(col_major);
+                io.bias = bias.then(|| rng.vec(n));
+                io.act = act;
+                check_q(
+                    &q,
+                    &io,
+                    &format!("tiled bits={bits} m={m} n={n} k={k} group={group} rpt={rpt} int8={int8} {table:?} bias={bias} col={col_major}"),
+                );
+            }
+        }
+    }
+}
+
 /// f32 activations with enough rows to decode panels: k across several 256-input panels (ragged
 /// tails), m across the 96-row blocks, n across 16-row panels, every width and group size.
 #[test]
@@ -768,6 +827,7 @@ fn threaded_matches_single_threaded() {
         .build()
         .unwrap();
     let mut rng = Rng(11);
+    let mut cases = Vec::new();
     for (m, n, k, bits, rpt, int8) in [
         (1usize, 2048usize, 512usize, 4usize, 1usize, true),
         (1, 2047, 520, 4, 2047, true),
@@ -780,6 +840,19 @@ fn threaded_matches_single_threaded() {
     ] {
         let kp = k.div_ceil(BLOCK) * BLOCK;
         let q = QCase::new(&mut rng, n, k, bits, kp, rpt, int8, Table::Random);
+        cases.push((m, n, k, bits, rpt, q));
+    }
+    // Row-tiled ternary: whole tiles per thread, the last one partial.
+    for (m, n, k) in [
+        (1usize, 1537usize, 384usize),
+        (1, 385, 1536),
+        (32, 200, 416),
+    ] {
+        let flags = QFLAG_ROW_TILES | QFLAG_INT8_ACTIVATIONS;
+        let q = QCase::with_flags(&mut rng, n, k, 2, 32, n, flags, Table::Ternary);
+        cases.push((m, n, k, 2, n, q));
+    }
+    for (m, n, k, bits, rpt, q) in cases {
         for col_major in [false, true] {
             let io = Io::new(&mut rng, m, n, k).with_c(col_major);
             for ker in [Kernels::best(), Kernels::reference()] {

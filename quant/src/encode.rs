@@ -13,7 +13,7 @@
 //! ```
 
 use edgetune_core::layout::{
-    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS,
+    pack_block, QBlockLayout, SparseLayout, BLOCK, QFLAG_INT8_ACTIVATIONS, QFLAG_ROW_TILES,
 };
 use edgetune_core::Encoding;
 use half::f16;
@@ -155,6 +155,61 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
         let o = l.scales_off + i * 2;
         bytes[o..o + 2].copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
     }
+    Ok(Encoded {
+        encoding: Encoding::QBlock,
+        bytes,
+        params,
+    })
+}
+
+/// The same block-quantized weight with its rows interleaved by tiles of 16
+/// ([`QFLAG_ROW_TILES`]): what the runtime's fastest GEMVs of 2-bit affine codes (ternary,
+/// int2 with int8 activations) stream. Every other part is unchanged.
+///
+/// ```
+/// # use edgetune_quant::encode::{decode, encode_ternary, row_tiles};
+/// # use edgetune_quant::ternary::quantize_ternary;
+/// let (n, k) = (20, 64);
+/// let w: Vec<f32> = (0..n * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+/// let t = quantize_ternary(&w, n, k, 32, None).unwrap();
+/// let rows = encode_ternary(&t, true).unwrap();
+/// let tiled = row_tiles(&rows, n, k).unwrap();
+/// assert_eq!(decode(&tiled, n, k).unwrap(), decode(&rows, n, k).unwrap());
+/// ```
+pub fn row_tiles(e: &Encoded, n: usize, k: usize) -> Result<Encoded> {
+    let bad = QuantError::Incompatible {
+        what: "row tiles apply to a row-major block-quantized weight",
+    };
+    if e.encoding != Encoding::QBlock || e.params[3] & QFLAG_ROW_TILES != 0 {
+        return Err(bad);
+    }
+    let from = QBlockLayout::new(n, k, e.params).ok_or(bad)?;
+    if e.bytes.len() != from.len {
+        return Err(QuantError::ShapeMismatch {
+            what: "block-quantized bytes",
+            expected: from.len,
+            got: e.bytes.len(),
+        });
+    }
+    let mut params = e.params;
+    params[3] |= QFLAG_ROW_TILES;
+    let to = QBlockLayout::new(n, k, params).ok_or(QuantError::Incompatible {
+        what: "row-tiled layout parameters",
+    })?;
+    let mut bytes = vec![0u8; to.len];
+    let bb = from.block_bytes();
+    for r in 0..n {
+        for b in 0..from.kp / BLOCK {
+            let (src, dst) = (from.block_offset(r, b), to.block_offset(r, b));
+            bytes[dst..dst + bb].copy_from_slice(&e.bytes[src..src + bb]);
+        }
+        for g in 0..from.groups_per_row() {
+            let (src, dst) = (from.scale_offset(r, g), to.scale_offset(r, g));
+            bytes[dst..dst + 2].copy_from_slice(&e.bytes[src..src + 2]);
+        }
+    }
+    // Tables (f16, i8, their scales) keep their order; only their offsets move.
+    bytes[to.lut_off..to.scales_off].copy_from_slice(&e.bytes[from.lut_off..from.scales_off]);
     Ok(Encoded {
         encoding: Encoding::QBlock,
         bytes,
@@ -377,17 +432,14 @@ pub fn decode(e: &Encoded, n: usize, k: usize) -> Result<Vec<f32>> {
                 let t = r / l.rows_per_table;
                 for kk in 0..k {
                     let (b, el) = (kk / BLOCK, kk % BLOCK);
-                    let at = r * l.row_bytes() + b * l.block_bytes();
+                    let at = l.block_offset(r, b);
                     let code = edgetune_core::layout::block_code(
                         &e.bytes[at..at + l.block_bytes()],
                         l.bits,
                         el,
                     ) as usize;
                     let v = f16_at(&e.bytes, l.lut_off + (t * l.entries() + code) * 2);
-                    let s = f16_at(
-                        &e.bytes,
-                        l.scales_off + (r * l.groups_per_row() + kk / l.group) * 2,
-                    );
+                    let s = f16_at(&e.bytes, l.scale_offset(r, kk / l.group));
                     out[r * k + kk] = v * s;
                 }
             }

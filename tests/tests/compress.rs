@@ -170,9 +170,14 @@ fn compressed_weights_are_never_expanded() {
         Method::Ternary { group: 64 },
         Method::Binary { group: 64 },
         Method::Sparse { keep: 2, m: 4 },
-    ];
+    ]
+    .map(|m| (m, false));
+    // Ternary with int8 activations: the row-tiled layout and its integer kernels.
+    let methods = methods
+        .into_iter()
+        .chain([(Method::Ternary { group: 64 }, true)]);
     let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
-    for m in methods {
+    for (m, int8_activations) in methods {
         let mut g = one_layer(n, k);
         let rule = Rule {
             pattern: "*".into(),
@@ -184,6 +189,7 @@ fn compressed_weights_are_never_expanded() {
             &Recipe {
                 rules: vec![rule],
                 keep_ends: KeepEnds::Same,
+                int8_activations,
                 ..Recipe::default()
             },
             None,
@@ -191,6 +197,12 @@ fn compressed_weights_are_never_expanded() {
         )
         .unwrap();
         let enc = g.tensors[1].encoded.clone().expect("weight encoded");
+        assert_eq!(
+            enc.params[3] & edgetune_core::layout::QFLAG_ROW_TILES != 0,
+            int8_activations,
+            "{}: ternary rows are tiled exactly when activations are int8",
+            m.label()
+        );
         let decoded = edgetune_quant::encode::decode(
             &edgetune_quant::encode::Encoded {
                 encoding: enc.encoding,
@@ -228,10 +240,21 @@ fn compressed_weights_are_never_expanded() {
             .unwrap()
             .join()
             .unwrap();
+        // With int8 activations the kernel sees x as its Q8 blocks decode.
+        let mut xq = x.clone();
+        if int8_activations {
+            let mut q8 = vec![0u8; edgetune_runtime::kernels::qgemm::q8_row_bytes(k)];
+            edgetune_runtime::kernels::qgemm::quantize_q8(&x, &mut q8);
+            let (codes, scales) = q8.split_at(k);
+            for (i, v) in xq.iter_mut().enumerate() {
+                let d = &scales[4 * (i / 32)..4 * (i / 32) + 4];
+                *v = codes[i] as i8 as f32 * f32::from_le_bytes(d.try_into().unwrap());
+            }
+        }
         let want: Vec<f64> = (0..n)
             .map(|j| {
                 (0..k)
-                    .map(|i| decoded[j * k + i] as f64 * x[i] as f64)
+                    .map(|i| decoded[j * k + i] as f64 * xq[i] as f64)
                     .sum()
             })
             .collect();
@@ -241,15 +264,25 @@ fn compressed_weights_are_never_expanded() {
             .map(|(&y, w)| (y as f64 - w).abs())
             .fold(0.0, f64::max);
         let largest = want.iter().fold(0.0f64, |a, w| a.max(w.abs()));
-        println!("{}: {} weight bytes (f32: {}), arena {arena} bytes, max |y - decoded·x| {worst:.2e} (max |y| {largest:.2})", m.label(), w.len, n * k * 4);
+        let acts = if int8_activations {
+            ", int8 activations"
+        } else {
+            ""
+        };
+        println!("{}{acts}: {} weight bytes (f32: {}), arena {arena} bytes, max |y - decoded·x| {worst:.2e} (max |y| {largest:.2})", m.label(), w.len, n * k * 4);
         assert!(
             largest > 0.1,
             "{}: a trivial output proves nothing",
             m.label()
         );
-        // Weight-only encodings with f32 activations: equal to the decoded weight's product up to
-        // f32 summation (x is dyadic here, so most sums are exact).
-        assert!(worst < 1e-5, "{}: {worst}", m.label());
+        // Equal to the decoded weight's product (with f32 activations, or with the activations'
+        // int8 blocks) up to f32 summation and scaling (x is dyadic here, so most f32 sums are
+        // exact).
+        assert!(
+            worst < 1e-5 * largest.max(1.0),
+            "{}{acts}: {worst}",
+            m.label()
+        );
     }
 }
 
@@ -431,4 +464,50 @@ fn a_recipe_files_keep_ends_holds_unless_the_flag_overrides_it() {
         same.1,
         int8.1
     );
+}
+
+#[test]
+fn inspect_names_each_weights_encoding() {
+    // `inspect --weights` reads each weight's encoding back from the file: what `compress` was
+    // asked for, with the bytes the file really holds.
+    let onnx = digits("cnn.onnx");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--int8"], "int8 (8-bit codes), scale per"),
+        (
+            &["--ternary", "32", "--int8-activations"],
+            "ternary (2-bit codes), scale per 32, int8 activations, rows tiled by 16",
+        ),
+        (&["--binary", "32"], "binary (1-bit codes), scale per 32"),
+    ];
+    for (flags, want) in cases {
+        let out = tmp("cnn-inspect.etm");
+        let args = [&["--input", "x=1x1x8x8", "--keep-ends", "same"], flags].concat();
+        edgetune_compress(&onnx, &out, &args).unwrap();
+        let ours = Ours::load(&out).unwrap();
+        let model = ours.model();
+        let r = commands::inspect::report(&model, false, true);
+        let file = std::fs::metadata(&out).unwrap().len();
+        let mut dense = 0;
+        for id in 0..model.tensor_count() {
+            let t = model.tensor(id);
+            let (name, meta) = (t.name.to_string(), t.meta);
+            if meta.encoding != Encoding::QBlock {
+                continue;
+            }
+            dense += 1;
+            let line = r.weights.iter().find(|w| w.name == name).expect("listed");
+            assert!(line.encoding.starts_with(want), "{flags:?}: {line:?}");
+            let numel = meta.shape.numel() as f64;
+            assert_eq!(line.bits_per_weight, 8.0 * line.bytes as f64 / numel);
+        }
+        assert_eq!(
+            dense, 4,
+            "{flags:?}: the CNN's two convolutions and two dense layers"
+        );
+        let listed: u64 = r.weights.iter().map(|w| w.bytes).sum();
+        assert!(
+            listed < file,
+            "{flags:?}: {listed} bytes of weights in a {file}-byte file"
+        );
+    }
 }

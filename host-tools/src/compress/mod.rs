@@ -382,7 +382,13 @@ fn encode_matrix(
                         }
                         None => quantize_ternary(&wp, n, kp, grp, imp.as_deref())?,
                     };
-                    encode::encode_ternary(&t, int8)?
+                    let rows = encode::encode_ternary(&t, int8)?;
+                    if int8 {
+                        // Rows interleaved by 16: the runtime's row-tiled ternary GEMVs.
+                        encode::row_tiles(&rows, n, k)?
+                    } else {
+                        rows
+                    }
                 }
                 _ => {
                     if h.is_some() {

@@ -184,15 +184,16 @@ fn decode_weight(model: &Model<'_>, id: u32) -> std::result::Result<LinearW, &'s
             let mut codes = vec![0u8; n * k];
             for r in 0..n {
                 for c in 0..k {
-                    let at = r * l.row_bytes() + (c / 32) * l.block_bytes();
+                    let at = l.block_offset(r, c / 32);
                     codes[r * k + c] = block_code(&bytes[at..at + l.block_bytes()], l.bits, c % 32);
                 }
             }
             let lut: Vec<f32> = (0..l.tables * l.entries())
                 .map(|i| f16_at(bytes, l.lut_off + 2 * i))
                 .collect();
-            let scales: Vec<f32> = (0..n * l.groups_per_row())
-                .map(|i| f16_at(bytes, l.scales_off + 2 * i))
+            let gpr = l.groups_per_row();
+            let scales: Vec<f32> = (0..n * gpr)
+                .map(|i| f16_at(bytes, l.scale_offset(i / gpr, i % gpr)))
                 .collect();
             let parts = QParts {
                 layout: l,

@@ -154,7 +154,7 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
 mod neon {
     use core::arch::aarch64::*;
 
-    use edgetune_core::layout::BLOCK;
+    use edgetune_core::layout::{BLOCK, ROW_TILE};
     use edgetune_core::Activation;
 
     use super::super::{q8_row_bytes, QGemm, QWeights, SparseWeights};
@@ -231,7 +231,7 @@ mod neon {
         let l = w.layout;
         let e = l.entries();
         let ends = [
-            l.n * l.row_bytes(),
+            l.stored_rows() * l.row_bytes(),
             l.lut_off + l.tables * e * 2,
             if int8 { l.lut_i8_off + l.tables * e } else { 0 },
             if int8 {
@@ -239,7 +239,7 @@ mod neon {
             } else {
                 0
             },
-            l.scales_off + l.n * l.groups_per_row() * 2,
+            l.scales_off + l.stored_rows() * l.groups_per_row() * 2,
         ];
         assert!(
             ends.iter().all(|&end| end <= w.bytes.len()),
@@ -524,6 +524,12 @@ mod neon {
         check_out(m, l.n, c, c_rs, c_cs, bias);
         let arb = q8_row_bytes(l.k);
         assert!(rows.len() >= m * arb, "qgemm: quantized rows too short");
+        if l.row_tiles() {
+            if !tiled::<DOT>(w, rows, m, c, c_rs, c_cs, bias, act) {
+                super::generic::qgemm_q8(w, rows, m, c, c_rs, c_cs, bias, act);
+            }
+            return;
+        }
         let e = l.entries();
         let t0 = &w.bytes[l.lut_i8_off..l.lut_i8_off + e];
         let mut mode = TABLE;
@@ -706,6 +712,184 @@ mod neon {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Row-tiled 2-bit affine codes (int8 activations)
+    // -----------------------------------------------------------------------------------------
+
+    /// Groups per row whose `β·Σ d·Σq` the row-tiled kernel keeps on the stack; weights with
+    /// longer rows run the reference.
+    const TILED_GROUPS: usize = 512;
+
+    /// Bytes of one tile block: 16 rows × 8 bytes of 2-bit codes.
+    const TILE_BLOCK: usize = ROW_TILE * 8;
+
+    /// One row-tiled product's operands as raw pointers (extents checked in [`tiled`]).
+    struct Tiled {
+        codes: *const u8,
+        nb: usize,
+        bpg: usize,
+        gpr: usize,
+        scales: *const u8,
+        acts: *const u8,
+        arb: usize,
+        kp: usize,
+        alpha: f32,
+        beta: f32,
+        lut_scale: f32,
+        n: usize,
+        out: Out,
+    }
+
+    /// The row-tiled product of 2-bit codes whose one int8 table is affine
+    /// (`lut_i8[c] = α·c + β`: ternary, int2); false (nothing written) for any other
+    /// row-tiled weight, which the caller hands to the reference.
+    ///
+    /// A tile block is eight registers of two rows (each row's 8 bytes two lanes). Plane `p`
+    /// of a row's bytes `4h..4h + 4` holds inputs `8p + 4h ..`, so one 8-byte run of
+    /// activations, doubled, serves every register: `sdot` (or `smull`/`smlal` and pairwise
+    /// adds) gives each lane's sum, converted and scaled by `d` per block; per group the lane
+    /// pairs are added, `α`, `β·Σd·Σq` and the 16 row scales applied.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tiled<const DOT: bool>(
+        w: &QWeights<'_>,
+        rows: &[u8],
+        m: usize,
+        c: &mut [f32],
+        c_rs: usize,
+        c_cs: usize,
+        bias: Option<&[f32]>,
+        act: Activation,
+    ) -> bool {
+        let l = w.layout;
+        let t0 = &w.bytes[l.lut_i8_off..l.lut_i8_off + l.entries()];
+        let (alpha, beta) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
+        let affine = l.tables == 1
+            && t0
+                .iter()
+                .enumerate()
+                .all(|(c, &v)| v as i8 as i32 == alpha * c as i32 + beta);
+        if l.bits != 2 || !affine || l.groups_per_row() > TILED_GROUPS {
+            return false;
+        }
+        let t = Tiled {
+            codes: w.bytes.as_ptr(),
+            nb: l.kp / BLOCK,
+            bpg: l.group / BLOCK,
+            gpr: l.groups_per_row(),
+            scales: w.bytes[l.scales_off..].as_ptr(),
+            acts: rows.as_ptr(),
+            arb: q8_row_bytes(l.k),
+            kp: l.kp,
+            alpha: alpha as f32,
+            beta: beta as f32,
+            lut_scale: f32::from_le_bytes(
+                w.bytes[l.lut_scale_off..l.lut_scale_off + 4]
+                    .try_into()
+                    .unwrap(),
+            ),
+            n: l.n,
+            out: Out::new(c, c_rs, c_cs, bias, act),
+        };
+        let mut kg = [0f32; TILED_GROUPS];
+        for i in 0..m {
+            let row = &rows[i * t.arb..(i + 1) * t.arb];
+            let (q, ds) = row.split_at(t.kp);
+            for (g, o) in kg.iter_mut().enumerate().take(t.gpr) {
+                let mut s = 0.0f32;
+                for b in g * t.bpg..(g + 1) * t.bpg {
+                    let qs: i32 = q[b * BLOCK..(b + 1) * BLOCK]
+                        .iter()
+                        .map(|&v| v as i8 as i32)
+                        .sum();
+                    s += f32::from_le_bytes(ds[4 * b..4 * b + 4].try_into().unwrap()) * qs as f32;
+                }
+                *o = t.beta * s;
+            }
+            // SAFETY: the caller checked whole tiles of codes and scales (`check_q`), `m`
+            // activation rows and the outputs; `DOT` only with `sdot` (the callers check).
+            unsafe { tiled_row::<DOT>(&t, i, &kg) };
+        }
+        true
+    }
+
+    /// [`tiled`] for activation row `i`.
+    ///
+    /// # Safety
+    /// As [`tiled`] checks; `DOT` needs `sdot`.
+    unsafe fn tiled_row<const DOT: bool>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+        // SAFETY: reads inside the extents the caller checked; outputs through `Out::put`.
+        unsafe {
+            let three = vdupq_n_u8(3);
+            let alpha = vdupq_n_f32(t.alpha);
+            let row = t.acts.add(i * t.arb);
+            for tile in 0..t.n.div_ceil(ROW_TILE) {
+                let base = t.codes.add(tile * t.nb * TILE_BLOCK);
+                let mut acc = [vdupq_n_f32(0.0); 4];
+                for g in 0..t.gpr {
+                    let mut f = [vdupq_n_f32(0.0); 8];
+                    for b in g * t.bpg..(g + 1) * t.bpg {
+                        let p = base.add(b * TILE_BLOCK);
+                        let q = row.add(b * BLOCK);
+                        let qv: [int8x16_t; 4] = core::array::from_fn(|k| {
+                            let h = vld1_s8(q.add(8 * k) as *const i8);
+                            vcombine_s8(h, h)
+                        });
+                        let d = vdupq_n_f32(f32_at(row.add(t.kp + 4 * b)));
+                        for (h, fh) in f.iter_mut().enumerate() {
+                            let x = vld1q_u8(p.add(16 * h));
+                            let pl = [
+                                vandq_u8(x, three),
+                                vandq_u8(vshrq_n_u8::<2>(x), three),
+                                vandq_u8(vshrq_n_u8::<4>(x), three),
+                                vshrq_n_u8::<6>(x),
+                            ]
+                            .map(|v| vreinterpretq_s8_u8(v));
+                            let isum = if DOT {
+                                let mut s = vdupq_n_s32(0);
+                                for k in 0..4 {
+                                    s = sdot(s, pl[k], qv[k]);
+                                }
+                                s
+                            } else {
+                                // Products ≤ 3·127, four planes: i16 holds them.
+                                let mut lo = vmull_s8(vget_low_s8(pl[0]), vget_low_s8(qv[0]));
+                                let mut hi = vmull_high_s8(pl[0], qv[0]);
+                                for k in 1..4 {
+                                    lo = vmlal_s8(lo, vget_low_s8(pl[k]), vget_low_s8(qv[k]));
+                                    hi = vmlal_high_s8(hi, pl[k], qv[k]);
+                                }
+                                vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
+                            };
+                            *fh = vfmaq_f32(*fh, vcvtq_f32_s32(isum), d);
+                        }
+                    }
+                    let s = t.scales.add((tile * t.gpr + g) * ROW_TILE * 2) as *const u16;
+                    let (s0, s1) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s));
+                    let (s2, s3) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s.add(8)));
+                    let sc = [s0, s1, s2, s3];
+                    let off = vdupq_n_f32(kg[g]);
+                    for j in 0..4 {
+                        let v = vpaddq_f32(f[2 * j], f[2 * j + 1]);
+                        let v = vfmaq_f32(off, v, alpha);
+                        acc[j] = vfmaq_f32(acc[j], v, sc[j]);
+                    }
+                }
+                let mut y = [0f32; ROW_TILE];
+                for j in 0..4 {
+                    vst1q_f32(y.as_mut_ptr().add(4 * j), vmulq_n_f32(acc[j], t.lut_scale));
+                }
+                let j0 = tile * ROW_TILE;
+                for (r, v) in y
+                    .iter()
+                    .enumerate()
+                    .take(t.n.saturating_sub(j0).min(ROW_TILE))
+                {
+                    t.out.put(i, j0 + r, *v);
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
     // f32 activations
     // -----------------------------------------------------------------------------------------
 
@@ -732,6 +916,9 @@ mod neon {
         let l = w.layout;
         if g.m == 0 || l.n == 0 {
             return;
+        }
+        if l.row_tiles() {
+            return super::generic::qgemm_f32(w, g);
         }
         check_q(w, false);
         check_out(g.m, l.n, g.c, g.c_rs, g.c_cs, g.bias);

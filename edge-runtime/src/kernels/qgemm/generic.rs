@@ -48,7 +48,6 @@ pub fn qgemm_f32_with(
             }
             table = t;
         }
-        let row = w.row(n);
         for i0 in (0..g.m).step_by(ROWS) {
             let rows = ROWS.min(g.m - i0);
             let mut acc = [0f32; ROWS];
@@ -56,7 +55,7 @@ pub fn qgemm_f32_with(
                 let mut acc_g = [0f32; ROWS];
                 for b in gi * l.group / BLOCK..(gi + 1) * l.group / BLOCK {
                     let valid = BLOCK.min(l.k.saturating_sub(b * BLOCK));
-                    let block = &row[b * l.block_bytes()..(b + 1) * l.block_bytes()];
+                    let block = w.block(n, b);
                     for (e, d) in dec.iter_mut().enumerate().take(valid) {
                         *d = lut[block_code(block, l.bits, e) as usize];
                     }
@@ -103,10 +102,9 @@ pub fn qgemm_q8(
         for n in 0..l.n {
             let t = n / l.rows_per_table;
             let lut = w.lut_i8(t);
-            let row = w.row(n);
             let mut acc = 0.0f32;
             for b in 0..l.kp / BLOCK {
-                let block = &row[b * l.block_bytes()..(b + 1) * l.block_bytes()];
+                let block = w.block(n, b);
                 let mut isum = 0i32;
                 for e in 0..BLOCK {
                     let wv = lut[block_code(block, l.bits, e) as usize] as i8 as i32;

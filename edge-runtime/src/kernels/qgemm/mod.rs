@@ -33,10 +33,10 @@ pub struct QWeights<'a> {
 }
 
 impl QWeights<'_> {
-    /// Code bytes of row `n`.
-    pub fn row(&self, n: usize) -> &[u8] {
-        let rb = self.layout.row_bytes();
-        &self.bytes[n * rb..(n + 1) * rb]
+    /// Code bytes of block `b` of row `n`.
+    pub fn block(&self, n: usize, b: usize) -> &[u8] {
+        let at = self.layout.block_offset(n, b);
+        &self.bytes[at..at + self.layout.block_bytes()]
     }
 
     /// f16 table entry `code` of table `t`, as bits.
@@ -64,7 +64,7 @@ impl QWeights<'_> {
 
     /// Group scale of row `n`, group `g`, as f16 bits.
     pub fn scale_f16(&self, n: usize, g: usize) -> u16 {
-        let o = self.layout.scales_off + (n * self.layout.groups_per_row() + g) * 2;
+        let o = self.layout.scale_offset(n, g);
         u16::from_le_bytes([self.bytes[o], self.bytes[o + 1]])
     }
 }
@@ -74,18 +74,13 @@ impl QWeights<'_> {
 pub fn decode_row(w: &QWeights<'_>, n: usize, out: &mut [f32]) {
     let l = w.layout;
     let t = n / l.rows_per_table;
-    let row = w.row(n);
     let mut lut = [0f32; 256];
     for (c, v) in lut.iter_mut().enumerate().take(l.entries()) {
         *v = half::f16::from_bits(w.lut_f16(t, c)).to_f32();
     }
     for (kk, o) in out.iter_mut().enumerate().take(l.k) {
         let (b, e) = (kk / BLOCK, kk % BLOCK);
-        let code = edgetune_core::layout::block_code(
-            &row[b * l.block_bytes()..(b + 1) * l.block_bytes()],
-            l.bits,
-            e,
-        );
+        let code = edgetune_core::layout::block_code(w.block(n, b), l.bits, e);
         *o = lut[code as usize] * half::f16::from_bits(w.scale_f16(n, kk / l.group)).to_f32();
     }
 }
@@ -163,7 +158,12 @@ pub fn qgemm_f32(kernels: &crate::kernels::Kernels, w: &QWeights<'_>, g: QGemm<'
     #[cfg(feature = "std")]
     let Some(g) = par::qgemm_f32(
         kernels,
-        (w.layout.n, w.layout.k, w.layout.rows_per_table),
+        (
+            w.layout.n,
+            w.layout.k,
+            w.layout.rows_per_table,
+            w.column_pieces(),
+        ),
         w,
         par::q_view,
         |w, g| (kernels.qgemm_f32)(w, g),
@@ -240,7 +240,7 @@ pub fn sparse_gemm(kernels: &crate::kernels::Kernels, w: &SparseWeights<'_>, g: 
     #[cfg(feature = "std")]
     let Some(g) = par::qgemm_f32(
         kernels,
-        (w.layout.n, w.layout.k, 1),
+        (w.layout.n, w.layout.k, 1, true),
         w,
         par::sparse_view,
         |w, g| (kernels.sparse_gemm)(w, g),

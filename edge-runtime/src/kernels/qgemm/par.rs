@@ -26,8 +26,9 @@ const PAR_MIN_MACS: usize = 1 << 20;
 /// micro-kernels the panel path runs.
 const ROW_UNIT: usize = 12;
 
-/// Column pieces are multiples of this many outputs (a whole number of kernel tiles).
-const COL_UNIT: usize = 8;
+/// Column pieces are multiples of this many outputs (a whole number of kernel tiles, and of
+/// the row tiles of a tiled layout).
+const COL_UNIT: usize = edgetune_core::layout::ROW_TILE;
 
 /// How one product is cut: piece `p` covers `bounds[p]..bounds[p + 1]` of rows or columns.
 enum Split {
@@ -36,7 +37,7 @@ enum Split {
 }
 
 /// Chooses a split, or `None` to stay on this thread. `rpt` is the weight's rows per table
-/// (1 for weights without tables).
+/// (1 for weights without tables); `cols` false forbids column pieces.
 #[allow(clippy::too_many_arguments)]
 fn plan(
     threads: usize,
@@ -46,6 +47,7 @@ fn plan(
     c_rs: usize,
     c_cs: usize,
     rpt: usize,
+    cols: bool,
 ) -> Option<Split> {
     if threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
         return None;
@@ -54,7 +56,7 @@ fn plan(
     let rows_outer = n == 1 || c_rs > (n - 1) * c_cs;
     let row_units = m / ROW_UNIT;
     let col_units = n / COL_UNIT;
-    if cols_outer && col_units >= 2 && (!rows_outer || row_units < 2 * threads) {
+    if cols && cols_outer && col_units >= 2 && (!rows_outer || row_units < 2 * threads) {
         let tasks = col_units.min(threads * 4);
         let mut bounds = vec![0];
         let mut j = 0;
@@ -126,6 +128,11 @@ impl<'a> QWeights<'a> {
             one_table || j0.is_multiple_of(rpt),
             "qgemm: a row view must not split a table"
         );
+        assert!(
+            !l.row_tiles() || j0.is_multiple_of(edgetune_core::layout::ROW_TILE),
+            "qgemm: a row view of a tiled layout must start on a tile"
+        );
+        // Tiles are whole rows' worth of bytes, so a view from a tile's first row starts here.
         let base = j0 * l.row_bytes();
         let e = l.entries();
         let layout = edgetune_core::layout::QBlockLayout {
@@ -172,7 +179,7 @@ impl<'a> SparseWeights<'a> {
 /// this thread instead. `view(j0, j1)` is the weight's rows `j0..j1`; `kernel` runs one piece.
 pub(super) fn qgemm_f32<'g, W: Sync>(
     kernels: &Kernels,
-    (n, k, rpt): (usize, usize, usize),
+    (n, k, rpt, cols): (usize, usize, usize, bool),
     w: &W,
     view: impl Fn(&W, usize, usize) -> W + Sync,
     kernel: impl Fn(&W, QGemm<'_>) + Sync,
@@ -188,7 +195,7 @@ pub(super) fn qgemm_f32<'g, W: Sync>(
         bias,
         act,
     } = g;
-    match plan(kernels.threads, m, n, k, c_rs, c_cs, rpt) {
+    match plan(kernels.threads, m, n, k, c_rs, c_cs, rpt, cols) {
         None => Some(QGemm {
             m,
             a,
@@ -256,7 +263,16 @@ pub(super) fn qgemm_q8(
 ) -> bool {
     let l = w.layout;
     let rb = super::q8_row_bytes(l.k);
-    match plan(kernels.threads, m, l.n, l.k, c_rs, c_cs, l.rows_per_table) {
+    match plan(
+        kernels.threads,
+        m,
+        l.n,
+        l.k,
+        c_rs,
+        c_cs,
+        l.rows_per_table,
+        w.column_pieces(),
+    ) {
         None => false,
         Some(Split::Cols(bounds)) => {
             for_each_piece(&bounds, c_cs, c, &|j0, j1, c| {
@@ -286,6 +302,18 @@ pub(super) fn qgemm_q8(
 /// Views of a sparse weight's rows, for [`qgemm_f32`].
 pub(super) fn sparse_view<'a>(w: &SparseWeights<'a>, j0: usize, j1: usize) -> SparseWeights<'a> {
     w.rows_view(j0, j1)
+}
+
+impl QWeights<'_> {
+    /// True when every column piece [`plan`] cuts can be a [`QWeights::rows_view`]: cuts fall on
+    /// table boundaries, and on tiles of a tiled layout only if those are table boundaries too.
+    pub(super) fn column_pieces(&self) -> bool {
+        let (rpt, tile) = (self.layout.rows_per_table, edgetune_core::layout::ROW_TILE);
+        !self.layout.row_tiles()
+            || self.layout.tables == 1
+            || rpt.is_multiple_of(tile)
+            || tile.is_multiple_of(rpt)
+    }
 }
 
 /// Views of a block-quantized weight's rows, for [`qgemm_f32`].

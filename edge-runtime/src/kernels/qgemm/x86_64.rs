@@ -47,6 +47,14 @@
 //! single-threaded runs agree bit for bit. Rows are padded with zeros to whole blocks, so only
 //! the last superblock of a row can be partial; it is read from zero-padded copies.
 //!
+//! *Row-tiled* weights (`QFLAG_ROW_TILES`, what the compressor writes for ternary) with 2-bit
+//! affine codes take their own kernels: a tile's blocks `b` of 16 rows are 128 contiguous
+//! bytes, so each bit plane (a shift and a mask) of one 64-byte register is 8 rows × 8 inputs,
+//! multiplied in `vpdpbusd` with the 8 activations broadcast to every row: 16 outputs per
+//! step, no per-row horizontal sums, and up to 4 activation rows per unpacked block (256-bit
+//! registers: 4 rows a register, `maddubs` or AVX-VNNI, one activation row). Other row-tiled
+//! weights run the reference.
+//!
 //! [`quantize_q8`] is the exact AVX2 version of [`super::quantize_q8`].
 //!
 //! # f32 activations ([`qgemm_f32`])
@@ -71,7 +79,7 @@
 
 use core::arch::x86_64::*;
 
-use edgetune_core::layout::BLOCK;
+use edgetune_core::layout::{BLOCK, ROW_TILE};
 use edgetune_core::Activation;
 
 use super::{generic, panel, q8_row_bytes, QGemm, QWeights, SparseWeights};
@@ -293,7 +301,7 @@ fn check_q(w: &QWeights<'_>, int8: bool) {
     let l = w.layout;
     let e = l.entries();
     let ends = [
-        l.n * l.row_bytes(),
+        l.stored_rows() * l.row_bytes(),
         l.lut_off + l.tables * e * 2,
         if int8 { l.lut_i8_off + l.tables * e } else { 0 },
         if int8 {
@@ -301,7 +309,7 @@ fn check_q(w: &QWeights<'_>, int8: bool) {
         } else {
             0
         },
-        l.scales_off + l.n * l.groups_per_row() * 2,
+        l.scales_off + l.stored_rows() * l.groups_per_row() * 2,
     ];
     assert!(
         ends.iter().all(|&end| end <= w.bytes.len()),
@@ -700,6 +708,35 @@ fn q8_with(
         {
             (mode, floor) = (LINEAR8, f);
         }
+    }
+    if l.row_tiles() {
+        if l.bits != 2 || mode != AFFINE || l.groups_per_row() > TILED_GROUPS {
+            return generic::qgemm_q8(w, rows, m, c, c_rs, c_cs, bias, act);
+        }
+        let t = Tiled {
+            codes: w.bytes.as_ptr(),
+            nb: l.kp / BLOCK,
+            bpg: l.group / BLOCK,
+            gpr: l.groups_per_row(),
+            scales: w.bytes[l.scales_off..].as_ptr(),
+            acts: rows.as_ptr(),
+            arb,
+            kp: l.kp,
+            alpha: alpha as f32,
+            beta: beta as f32,
+            lut_scale: f32::from_le_bytes(
+                w.bytes[l.lut_scale_off..l.lut_scale_off + 4]
+                    .try_into()
+                    .unwrap(),
+            ),
+            n: l.n,
+            out: Out::new(c, c_rs, c_cs, bias, act),
+        };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above) and the `dot` instructions
+        // (the callers check); `check_q` checked whole tiles of codes and scales, the rows'
+        // length is checked above, and `c` is borrowed mutably for this call.
+        unsafe { tiled_run(dot, &t, m) };
+        return;
     }
     // |w| = 128 breaks `sign(w, q)`: multiply |w| with sign(q, w) instead.
     let abs_w = lo == -128;
@@ -2005,6 +2042,305 @@ unsafe fn q8_tile<
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row-tiled 2-bit affine codes (int8 activations)
+// ---------------------------------------------------------------------------------------------
+
+/// Groups per row whose `β·Σ d·Σq` the row-tiled kernels keep on the stack; weights with longer
+/// rows run the reference.
+const TILED_GROUPS: usize = 512;
+
+/// Activation rows the AVX-512 row-tiled kernel multiplies with each unpacked tile block.
+const TILED_MR: usize = 4;
+
+/// Bytes of one tile block: 16 rows × 8 bytes of 2-bit codes.
+const TILE_BLOCK: usize = ROW_TILE * 8;
+
+/// One row-tiled product's operands as raw pointers (extents checked in [`q8_with`]).
+struct Tiled {
+    codes: *const u8,
+    /// Blocks per row and per group, groups per row.
+    nb: usize,
+    bpg: usize,
+    gpr: usize,
+    /// The f16 scales: per tile and group, 16 rows.
+    scales: *const u8,
+    acts: *const u8,
+    arb: usize,
+    kp: usize,
+    alpha: f32,
+    beta: f32,
+    lut_scale: f32,
+    n: usize,
+    out: Out,
+}
+
+impl Tiled {
+    /// `β · Σ_{b ∈ g} d_b · Σ q_b` for every group of activation row `i`: the part of each
+    /// output that depends on the activations only (`lut_i8[c] = α·c + β`).
+    ///
+    /// # Safety
+    /// Activation row `i` must be inside the rows checked in [`q8_with`].
+    unsafe fn offsets(&self, i: usize, kg: &mut [f32; TILED_GROUPS]) {
+        // SAFETY: row `i` holds `kp` codes then `kp / 32` f32 scales.
+        let row = unsafe { core::slice::from_raw_parts(self.acts.add(i * self.arb), self.arb) };
+        let (q, ds) = row.split_at(self.kp);
+        for (g, o) in kg.iter_mut().enumerate().take(self.gpr) {
+            let mut s = 0.0f32;
+            for b in g * self.bpg..(g + 1) * self.bpg {
+                let qs: i32 = q[b * BLOCK..(b + 1) * BLOCK]
+                    .iter()
+                    .map(|&v| v as i8 as i32)
+                    .sum();
+                let d = f32::from_le_bytes(ds[4 * b..4 * b + 4].try_into().unwrap());
+                s += d * qs as f32;
+            }
+            *o = self.beta * s;
+        }
+    }
+
+    /// Writes outputs `(i, j0..j0 + 16)` from `v`, those below `n`.
+    ///
+    /// # Safety
+    /// As for [`Out::put`], for the outputs below `n`.
+    #[inline(always)]
+    unsafe fn put16(&self, i: usize, j0: usize, v: &[f32; ROW_TILE]) {
+        for (r, x) in v
+            .iter()
+            .enumerate()
+            .take(self.n.saturating_sub(j0).min(ROW_TILE))
+        {
+            // SAFETY: as the caller guarantees.
+            unsafe { self.out.put(i, j0 + r, *x) };
+        }
+    }
+}
+
+/// The row-tiled product of 2-bit affine codes: the AVX-512 kernel with `dot` = AVX512-VNNI,
+/// else the 256-bit one (`maddubs` or AVX-VNNI).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available, and the instructions of `dot`; `t` must describe
+/// valid extents for `m` activation rows.
+unsafe fn tiled_run(dot: u8, t: &Tiled, m: usize) {
+    let mut kg = [[0f32; TILED_GROUPS]; TILED_MR];
+    let mut i0 = 0;
+    while i0 < m {
+        let rows = if dot == AVX512_VNNI {
+            TILED_MR.min(m - i0)
+        } else {
+            1
+        };
+        for r in 0..rows {
+            // SAFETY: row i0 + r < m.
+            unsafe { t.offsets(i0 + r, &mut kg[r]) };
+        }
+        // SAFETY: as the caller guarantees; rows i0..i0 + rows are below m.
+        unsafe {
+            match (dot, rows) {
+                (AVX512_VNNI, 1) => tiled_avx512::<1>(t, i0, &kg),
+                (AVX512_VNNI, 2) => tiled_avx512::<2>(t, i0, &kg),
+                (AVX512_VNNI, 3) => tiled_avx512::<3>(t, i0, &kg),
+                (AVX512_VNNI, _) => tiled_avx512::<4>(t, i0, &kg),
+                (AVX_VNNI, _) => tiled_avx_vnni(t, i0, &kg[0]),
+                _ => tiled_avx2(t, i0, &kg[0]),
+            }
+        }
+        i0 += rows;
+    }
+}
+
+/// Row-tiled 2-bit GEMV/GEMM for `MR` activation rows from `i0` on (AVX512-VNNI).
+///
+/// A tile block is two registers: rows 0–7 and 8–15, each row's 8 bytes one pair of lanes.
+/// Each bit plane is a shift and a mask away (measured faster on Zen 4 than one `gf2p8affineqb`
+/// per plane); plane `p` of a row's bytes `4h..4h + 4` holds inputs `8p + 4h ..`, so one
+/// broadcast 8-byte run of activations serves every row. Per block the lanes' i32 sums are
+/// converted and scaled by `d`; per group the lane pairs are added (16 rows in one register),
+/// `α`, `β·Σd·Σq` and the row scales applied.
+///
+/// # Safety
+/// As for [`tiled_run`] with AVX512-VNNI; rows `i0..i0 + MR` must be below `m`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tiled_avx512<const MR: usize>(
+    t: &Tiled,
+    i0: usize,
+    kg: &[[f32; TILED_GROUPS]; TILED_MR],
+) {
+    // SAFETY: tile blocks, scales and activations are read inside the extents `q8_with` checked
+    // (codes and scales of ⌈n/16⌉ whole tiles, `kp` codes and `kp/32` scales per activation
+    // row); outputs go through `put16`.
+    unsafe {
+        let three = _mm512_set1_epi8(3);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let alpha = _mm512_set1_ps(t.alpha);
+        let tiles = t.n.div_ceil(ROW_TILE);
+        for tile in 0..tiles {
+            let base = t.codes.add(tile * t.nb * TILE_BLOCK);
+            let mut acc = [_mm512_setzero_ps(); MR];
+            for g in 0..t.gpr {
+                let (mut fa, mut fb) = ([_mm512_setzero_ps(); MR], [_mm512_setzero_ps(); MR]);
+                for b in g * t.bpg..(g + 1) * t.bpg {
+                    let p = base.add(b * TILE_BLOCK);
+                    prefetch_ahead(p, 4096, 0, TILE_BLOCK);
+                    let (xa, xb) = (
+                        _mm512_loadu_si512(p as *const _),
+                        _mm512_loadu_si512(p.add(64) as *const _),
+                    );
+                    let pa = [
+                        _mm512_and_si512(xa, three),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(xa), three),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(xa), three),
+                        _mm512_and_si512(_mm512_srli_epi16::<6>(xa), three),
+                    ];
+                    let pb = [
+                        _mm512_and_si512(xb, three),
+                        _mm512_and_si512(_mm512_srli_epi16::<2>(xb), three),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(xb), three),
+                        _mm512_and_si512(_mm512_srli_epi16::<6>(xb), three),
+                    ];
+                    for r in 0..MR {
+                        let row = t.acts.add((i0 + r) * t.arb);
+                        let q = row.add(b * BLOCK);
+                        let (mut ia, mut ib) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                        for k in 0..4 {
+                            let qv = _mm512_set1_epi64(core::ptr::read_unaligned(
+                                q.add(8 * k) as *const i64
+                            ));
+                            ia = _mm512_dpbusd_epi32(ia, pa[k], qv);
+                            ib = _mm512_dpbusd_epi32(ib, pb[k], qv);
+                        }
+                        let d = _mm512_set1_ps(f32_at(row.add(t.kp + 4 * b)));
+                        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), d, fa[r]);
+                        fb[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), d, fb[r]);
+                    }
+                }
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    t.scales.add((tile * t.gpr + g) * ROW_TILE * 2) as *const __m256i,
+                ));
+                for r in 0..MR {
+                    let v = _mm512_add_ps(
+                        _mm512_permutex2var_ps(fa[r], even, fb[r]),
+                        _mm512_permutex2var_ps(fa[r], odd, fb[r]),
+                    );
+                    let v = _mm512_fmadd_ps(v, alpha, _mm512_set1_ps(kg[r][g]));
+                    acc[r] = _mm512_fmadd_ps(v, s, acc[r]);
+                }
+            }
+            for r in 0..MR {
+                let mut y = [0f32; ROW_TILE];
+                _mm512_storeu_ps(
+                    y.as_mut_ptr(),
+                    _mm512_mul_ps(acc[r], _mm512_set1_ps(t.lut_scale)),
+                );
+                t.put16(i0 + r, tile * ROW_TILE, &y);
+            }
+        }
+    }
+}
+
+/// [`tiled_ymm`] with `maddubs`.
+///
+/// # Safety
+/// As for [`tiled_run`]; row `i` must be below `m`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tiled_avx2(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as the caller guarantees.
+    unsafe { tiled_ymm::<MADDUBS>(t, i, kg) }
+}
+
+/// [`tiled_ymm`] with AVX-VNNI's `vpdpbusd`.
+///
+/// # Safety
+/// As for [`tiled_avx2`], and AVX-VNNI must be available.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn tiled_avx_vnni(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as the caller guarantees.
+    unsafe { tiled_ymm::<AVX_VNNI>(t, i, kg) }
+}
+
+/// Row-tiled 2-bit GEMV of activation row `i` on 256-bit registers: a tile block is four
+/// registers of 4 rows, planes unpacked with shifts and masks, multiplied with `maddubs` (the
+/// four planes' i16 pairs added before `madd`: at most 4·2·3·127) or AVX-VNNI's `vpdpbusd`;
+/// otherwise as [`tiled_avx512`].
+///
+/// # Safety
+/// As for [`tiled_avx2`].
+#[inline(always)]
+unsafe fn tiled_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as in `tiled_avx512`.
+    unsafe {
+        let three = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        // `hadd` of two 4-row registers gives rows 0, 1, 4, 5, 2, 3, 6, 7; this undoes it.
+        let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+        let row = t.acts.add(i * t.arb);
+        let tiles = t.n.div_ceil(ROW_TILE);
+        for tile in 0..tiles {
+            let base = t.codes.add(tile * t.nb * TILE_BLOCK);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for g in 0..t.gpr {
+                let mut f = [_mm256_setzero_ps(); 4];
+                for b in g * t.bpg..(g + 1) * t.bpg {
+                    let p = base.add(b * TILE_BLOCK);
+                    prefetch_ahead(p, 4096, 0, TILE_BLOCK);
+                    let q = row.add(b * BLOCK);
+                    let qv: [__m256i; 4] = core::array::from_fn(|k| {
+                        _mm256_set1_epi64x(core::ptr::read_unaligned(q.add(8 * k) as *const i64))
+                    });
+                    let d = _mm256_set1_ps(f32_at(row.add(t.kp + 4 * b)));
+                    for (h, fh) in f.iter_mut().enumerate() {
+                        let x = _mm256_loadu_si256(p.add(32 * h) as *const __m256i);
+                        let pl = [
+                            _mm256_and_si256(x, three),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(x), three),
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(x), three),
+                            _mm256_and_si256(_mm256_srli_epi16::<6>(x), three),
+                        ];
+                        let isum = if DOT == AVX_VNNI {
+                            let mut s = _mm256_setzero_si256();
+                            for k in 0..4 {
+                                s = _mm256_dpbusd_avx_epi32(s, pl[k], qv[k]);
+                            }
+                            s
+                        } else {
+                            let s01 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(pl[0], qv[0]),
+                                _mm256_maddubs_epi16(pl[1], qv[1]),
+                            );
+                            let s23 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(pl[2], qv[2]),
+                                _mm256_maddubs_epi16(pl[3], qv[3]),
+                            );
+                            _mm256_madd_epi16(_mm256_add_epi16(s01, s23), ones)
+                        };
+                        *fh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, *fh);
+                    }
+                }
+                let s = t.scales.add((tile * t.gpr + g) * ROW_TILE * 2);
+                let alpha = _mm256_set1_ps(t.alpha);
+                let off = _mm256_set1_ps(kg[g]);
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let v = _mm256_hadd_ps(f[2 * h], f[2 * h + 1]);
+                    let v = _mm256_permutevar8x32_ps(v, order);
+                    let v = _mm256_fmadd_ps(v, alpha, off);
+                    let sc = _mm256_cvtph_ps(_mm_loadu_si128(s.add(16 * h) as *const __m128i));
+                    *a = _mm256_fmadd_ps(v, sc, *a);
+                }
+            }
+            let mut y = [0f32; ROW_TILE];
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(
+                    y.as_mut_ptr().add(8 * h),
+                    _mm256_mul_ps(*a, _mm256_set1_ps(t.lut_scale)),
+                );
+            }
+            t.put16(i, tile * ROW_TILE, &y);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // f32 activations
 // ---------------------------------------------------------------------------------------------
 
@@ -2033,7 +2369,7 @@ pub fn qgemm_f32(w: &QWeights<'_>, g: QGemm<'_>) {
     if g.m == 0 || l.n == 0 {
         return;
     }
-    if !available() {
+    if !available() || l.row_tiles() {
         return generic::qgemm_f32(w, g);
     }
     check_q(w, false);
