@@ -239,6 +239,8 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
         ),
         ("cb4/row q8", q(spec(4, 0, 1, true, random))),
         ("cb4/tensor q8", q(spec(4, 0, 0, true, random))),
+        // MiniLM's recipe: a table per 16 rows and an f16 scale per 64 inputs (4.29 bits/weight).
+        ("cb4/16 rows g64 q8", q(spec(4, 64, 16, true, random))),
         ("cb4/row f32", q(spec(4, 0, 1, false, random))),
         ("cb3/row q8", q(spec(3, 0, 1, true, random))),
         ("cb2/row q8", q(spec(2, 0, 1, true, random))),

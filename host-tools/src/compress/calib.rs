@@ -24,8 +24,9 @@ pub struct Calibration {
 }
 
 /// Rows each layer's statistics stop at. GPTQ on 1536 inputs (MiniLM's widest layers) still
-/// gained from 16K to 64K rows; calibration time grows with the rows used.
-pub const MAX_ROWS: u64 = 65_536;
+/// gained from 16K to 64K rows and from 64K to 256K; calibration time grows with the rows used
+/// (only as many as the calibration data holds).
+pub const MAX_ROWS: u64 = 262_144;
 
 /// Unrolls one image `[C, H, W]` into `(ci, ky, kx)` patch rows, as the runtime's im2col does.
 pub fn patches(
