@@ -157,7 +157,9 @@ mod neon {
     use edgetune_core::layout::{BLOCK, ROW_TILE};
     use edgetune_core::Activation;
 
-    use super::super::{q8_row_bytes, QGemm, QWeights, SparseWeights};
+    use super::super::{
+        q8_row_bytes, tiled_offsets, QGemm, QWeights, SparseWeights, TILED_GROUPS, TILE_BLOCK,
+    };
     use crate::math;
 
     // -----------------------------------------------------------------------------------------
@@ -715,13 +717,6 @@ mod neon {
     // Row-tiled 2-bit affine codes (int8 activations)
     // -----------------------------------------------------------------------------------------
 
-    /// Groups per row whose `β·Σ d·Σq` the row-tiled kernel keeps on the stack; weights with
-    /// longer rows run the reference.
-    const TILED_GROUPS: usize = 512;
-
-    /// Bytes of one tile block: 16 rows × 8 bytes of 2-bit codes.
-    const TILE_BLOCK: usize = ROW_TILE * 8;
-
     /// One row-tiled product's operands as raw pointers (extents checked in [`tiled`]).
     struct Tiled {
         codes: *const u8,
@@ -760,14 +755,10 @@ mod neon {
         act: Activation,
     ) -> bool {
         let l = w.layout;
-        let t0 = &w.bytes[l.lut_i8_off..l.lut_i8_off + l.entries()];
-        let (alpha, beta) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
-        let affine = l.tables == 1
-            && t0
-                .iter()
-                .enumerate()
-                .all(|(c, &v)| v as i8 as i32 == alpha * c as i32 + beta);
-        if l.bits != 2 || !affine || l.groups_per_row() > TILED_GROUPS {
+        let Some((alpha, beta)) = w.affine_i8() else {
+            return false;
+        };
+        if l.bits != 2 || l.groups_per_row() > TILED_GROUPS {
             return false;
         }
         let t = Tiled {
@@ -781,29 +772,14 @@ mod neon {
             kp: l.kp,
             alpha: alpha as f32,
             beta: beta as f32,
-            lut_scale: f32::from_le_bytes(
-                w.bytes[l.lut_scale_off..l.lut_scale_off + 4]
-                    .try_into()
-                    .unwrap(),
-            ),
+            lut_scale: w.lut_scale(0),
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
         let mut kg = [0f32; TILED_GROUPS];
         for i in 0..m {
             let row = &rows[i * t.arb..(i + 1) * t.arb];
-            let (q, ds) = row.split_at(t.kp);
-            for (g, o) in kg.iter_mut().enumerate().take(t.gpr) {
-                let mut s = 0.0f32;
-                for b in g * t.bpg..(g + 1) * t.bpg {
-                    let qs: i32 = q[b * BLOCK..(b + 1) * BLOCK]
-                        .iter()
-                        .map(|&v| v as i8 as i32)
-                        .sum();
-                    s += f32::from_le_bytes(ds[4 * b..4 * b + 4].try_into().unwrap()) * qs as f32;
-                }
-                *o = t.beta * s;
-            }
+            tiled_offsets(row, t.kp, t.bpg, t.beta, &mut kg[..t.gpr]);
             // SAFETY: the caller checked whole tiles of codes and scales (`check_q`), `m`
             // activation rows and the outputs; `DOT` only with `sdot` (the callers check).
             unsafe { tiled_row::<DOT>(&t, i, &kg) };

@@ -62,6 +62,20 @@ impl QWeights<'_> {
         ])
     }
 
+    /// `(α, β)` when the weight has one int8 table and it is affine, `lut_i8[c] = α·c + β`
+    /// (int4, int2 and ternary tables): kernels then need no table lookups.
+    pub fn affine_i8(&self) -> Option<(i32, i32)> {
+        let t0 = self.lut_i8(0);
+        if self.layout.tables != 1 || t0.len() < 2 {
+            return None;
+        }
+        let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
+        t0.iter()
+            .enumerate()
+            .all(|(c, &v)| v as i8 as i32 == a * c as i32 + b)
+            .then_some((a, b))
+    }
+
     /// Group scale of row `n`, group `g`, as f16 bits.
     pub fn scale_f16(&self, n: usize, g: usize) -> u16 {
         let o = self.layout.scale_offset(n, g);
@@ -118,6 +132,34 @@ pub struct QGemm<'a> {
 /// Bytes of one int8-quantized activation row of `k` inputs (`Kp` i8 then `Kp/32` f32 scales).
 pub fn q8_row_bytes(k: usize) -> usize {
     edgetune_core::ops::q8_row_bytes(k as u64) as usize
+}
+
+/// Groups per row whose activation offsets ([`tiled_offsets`]) the row-tiled kernels keep on
+/// the stack; weights with longer rows run the reference.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const TILED_GROUPS: usize = 512;
+
+/// Bytes of one block of a row tile of 2-bit codes: 16 rows × 8 bytes.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const TILE_BLOCK: usize = edgetune_core::layout::ROW_TILE * 8;
+
+/// `β · Σ_{b ∈ g} d_b · Σ q_b` for every group of `bpg` blocks of one int8 activation row
+/// (`kp` codes, then `kp / 32` f32 scales): the part of each output of an affine table
+/// (`lut_i8[c] = α·c + β`) that depends on the activations only.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn tiled_offsets(row: &[u8], kp: usize, bpg: usize, beta: f32, kg: &mut [f32]) {
+    let (q, ds) = row.split_at(kp);
+    for (g, o) in kg.iter_mut().enumerate() {
+        let mut s = 0.0f32;
+        for b in g * bpg..(g + 1) * bpg {
+            let qs: i32 = q[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .map(|&v| v as i8 as i32)
+                .sum();
+            s += f32::from_le_bytes(ds[4 * b..4 * b + 4].try_into().unwrap()) * qs as f32;
+        }
+        *o = beta * s;
+    }
 }
 
 /// Quantizes one activation row to int8 per block of 32: `d = max|x| / 127`,

@@ -82,7 +82,10 @@ use core::arch::x86_64::*;
 use edgetune_core::layout::{BLOCK, ROW_TILE};
 use edgetune_core::Activation;
 
-use super::{generic, panel, q8_row_bytes, QGemm, QWeights, SparseWeights};
+use super::{
+    generic, panel, q8_row_bytes, tiled_offsets, QGemm, QWeights, SparseWeights, TILED_GROUPS,
+    TILE_BLOCK,
+};
 use crate::kernels::gemm;
 use crate::math;
 
@@ -687,15 +690,8 @@ fn q8_with(
     let maxabs = (lo as i32).abs().max(hi as i32);
     let t0: &[u8] = &luts[..e];
     let (mut mode, mut alpha, mut beta, mut floor) = (TABLE, 0i16, 0i16, 0i8);
-    if l.tables == 1 && l.bits <= 7 {
-        let (a, b) = (t0[1] as i8 as i32 - t0[0] as i8 as i32, t0[0] as i8 as i32);
-        if t0
-            .iter()
-            .enumerate()
-            .all(|(c, &v)| v as i8 as i32 == a * c as i32 + b)
-        {
-            (mode, alpha, beta) = (AFFINE, a as i16, b as i16);
-        }
+    if let Some((a, b)) = w.affine_i8().filter(|_| l.bits <= 7) {
+        (mode, alpha, beta) = (AFFINE, a as i16, b as i16);
     }
     if l.tables == 1 && l.bits == 8 {
         let f = t0[0] as i8;
@@ -724,11 +720,7 @@ fn q8_with(
             kp: l.kp,
             alpha: alpha as f32,
             beta: beta as f32,
-            lut_scale: f32::from_le_bytes(
-                w.bytes[l.lut_scale_off..l.lut_scale_off + 4]
-                    .try_into()
-                    .unwrap(),
-            ),
+            lut_scale: w.lut_scale(0),
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
@@ -2045,15 +2037,8 @@ unsafe fn q8_tile<
 // Row-tiled 2-bit affine codes (int8 activations)
 // ---------------------------------------------------------------------------------------------
 
-/// Groups per row whose `β·Σ d·Σq` the row-tiled kernels keep on the stack; weights with longer
-/// rows run the reference.
-const TILED_GROUPS: usize = 512;
-
 /// Activation rows the AVX-512 row-tiled kernel multiplies with each unpacked tile block.
 const TILED_MR: usize = 4;
-
-/// Bytes of one tile block: 16 rows × 8 bytes of 2-bit codes.
-const TILE_BLOCK: usize = ROW_TILE * 8;
 
 /// One row-tiled product's operands as raw pointers (extents checked in [`q8_with`]).
 struct Tiled {
@@ -2075,27 +2060,14 @@ struct Tiled {
 }
 
 impl Tiled {
-    /// `β · Σ_{b ∈ g} d_b · Σ q_b` for every group of activation row `i`: the part of each
-    /// output that depends on the activations only (`lut_i8[c] = α·c + β`).
+    /// [`tiled_offsets`] of activation row `i`.
     ///
     /// # Safety
     /// Activation row `i` must be inside the rows checked in [`q8_with`].
     unsafe fn offsets(&self, i: usize, kg: &mut [f32; TILED_GROUPS]) {
         // SAFETY: row `i` holds `kp` codes then `kp / 32` f32 scales.
         let row = unsafe { core::slice::from_raw_parts(self.acts.add(i * self.arb), self.arb) };
-        let (q, ds) = row.split_at(self.kp);
-        for (g, o) in kg.iter_mut().enumerate().take(self.gpr) {
-            let mut s = 0.0f32;
-            for b in g * self.bpg..(g + 1) * self.bpg {
-                let qs: i32 = q[b * BLOCK..(b + 1) * BLOCK]
-                    .iter()
-                    .map(|&v| v as i8 as i32)
-                    .sum();
-                let d = f32::from_le_bytes(ds[4 * b..4 * b + 4].try_into().unwrap());
-                s += d * qs as f32;
-            }
-            *o = self.beta * s;
-        }
+        tiled_offsets(row, self.kp, self.bpg, self.beta, &mut kg[..self.gpr]);
     }
 
     /// Writes outputs `(i, j0..j0 + 16)` from `v`, those below `n`.
