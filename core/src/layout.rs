@@ -28,10 +28,12 @@
 //!
 //! Flag bit 1 ([`QFLAG_ROW_TILES`]) interleaves rows by tiles of [`ROW_TILE`] (16): rows are
 //! padded to `Np = ⌈N/16⌉·16` (padding rows: code 0, scale 0), tile `t` holds, for each block
-//! `b` in order, the 16 rows' blocks `b` one after another, and the scales hold, for each tile
-//! and each group, the 16 rows' scales. A GEMV then streams one tile as 16 rows side by side:
-//! for 2-bit codes one 64-byte register is a block of 8 rows, and every step serves 16 outputs
-//! without a horizontal sum (the kernels in `edgetune-runtime`'s `qgemm`).
+//! `b` in order, the 16 rows' blocks `b`, and the scales hold, for each tile and each group,
+//! the 16 rows' scales. For 1- and 2-bit codes the 16 blocks follow one another; wider blocks
+//! are interleaved by 4-byte words (word 0 of the 16 rows, then word 1, …). A GEMV then streams
+//! one tile as 16 rows side by side: one 64-byte register is a block of 8 rows (2-bit codes) or
+//! one word of 16 rows (4-bit codes: inputs 4w..4w + 4 and 16 + 4w.. of each row, one lane per
+//! row), and every step serves 16 outputs (the kernels in `edgetune-runtime`'s `qgemm`).
 //!
 //! # Sparse N:M (`Encoding::SparseNM`)
 //!
@@ -174,21 +176,62 @@ impl QBlockLayout {
         }
     }
 
-    /// Byte offset of block `b` of row `n`'s codes.
+    /// Bytes of a row's block kept together inside a row tile: the whole block for 1- and 2-bit
+    /// codes, one 4-byte word for wider ones (see the module documentation).
+    pub fn tile_chunk(&self) -> usize {
+        if self.bits <= 2 {
+            self.block_bytes()
+        } else {
+            4
+        }
+    }
+
+    /// Byte offset of byte `i` of block `b` of row `n`'s codes.
     ///
     /// ```
     /// # use edgetune_core::layout::{QBlockLayout, QFLAG_ROW_TILES};
     /// // 2-bit codes (8 bytes a block), 40 rows of 64 inputs, tiled: row 17 is the second row
     /// // of the second tile, whose blocks 0 come first.
     /// let l = QBlockLayout::new(40, 64, [2, 64, 1, QFLAG_ROW_TILES]).unwrap();
-    /// assert_eq!(l.block_offset(17, 1), (2 * 16 + 16 + 1) * 8);
+    /// assert_eq!(l.code_offset(17, 1, 0), (2 * 16 + 16 + 1) * 8);
+    /// // 4-bit codes (16 bytes a block): words 0 of the tile's 16 rows, then words 1, …
+    /// let l = QBlockLayout::new(40, 64, [4, 64, 1, QFLAG_ROW_TILES]).unwrap();
+    /// assert_eq!(l.code_offset(17, 1, 5), (2 * 16 + 16) * 16 + 16 * 4 + 4 + 1);
     /// ```
-    pub fn block_offset(&self, n: usize, b: usize) -> usize {
+    pub fn code_offset(&self, n: usize, b: usize, i: usize) -> usize {
+        let bb = self.block_bytes();
         if self.row_tiles() {
             let nb = self.kp / BLOCK;
-            ((n / ROW_TILE * nb + b) * ROW_TILE + n % ROW_TILE) * self.block_bytes()
+            let c = self.tile_chunk();
+            (n / ROW_TILE * nb + b) * ROW_TILE * bb
+                + i / c * ROW_TILE * c
+                + n % ROW_TILE * c
+                + i % c
         } else {
-            n * self.row_bytes() + b * self.block_bytes()
+            n * self.row_bytes() + b * bb + i
+        }
+    }
+
+    /// The bytes of block `b` of row `n` (the first [`block_bytes`](Self::block_bytes) of the
+    /// result), gathered from a tile when rows are tiled.
+    pub fn read_block(&self, bytes: &[u8], n: usize, b: usize) -> [u8; 4 * 8] {
+        let mut out = [0u8; 4 * 8];
+        let bb = self.block_bytes();
+        if !self.row_tiles() || self.tile_chunk() == bb {
+            let at = self.code_offset(n, b, 0);
+            out[..bb].copy_from_slice(&bytes[at..at + bb]);
+        } else {
+            for (i, o) in out.iter_mut().enumerate().take(bb) {
+                *o = bytes[self.code_offset(n, b, i)];
+            }
+        }
+        out
+    }
+
+    /// Writes block `b` of row `n` (`block`: its [`block_bytes`](Self::block_bytes) bytes).
+    pub fn write_block(&self, bytes: &mut [u8], n: usize, b: usize, block: &[u8]) {
+        for (i, v) in block.iter().enumerate().take(self.block_bytes()) {
+            bytes[self.code_offset(n, b, i)] = *v;
         }
     }
 
@@ -365,16 +408,23 @@ mod tests {
 
     #[test]
     fn row_tiles_place_every_block_and_scale_once_inside_the_padded_parts() {
-        for (n, k, bits) in [(1, 32, 2), (17, 96, 2), (40, 70, 4), (16, 64, 1)] {
+        for (n, k, bits) in [
+            (1, 32, 2),
+            (17, 96, 2),
+            (40, 70, 4),
+            (16, 64, 1),
+            (20, 64, 3),
+        ] {
             let l = QBlockLayout::new(n, k, [bits, 32, 1, QFLAG_ROW_TILES]).unwrap();
             let np = n.div_ceil(ROW_TILE) * ROW_TILE;
             let nb = l.kp / BLOCK;
+            let bb = l.block_bytes();
             let mut blocks: Vec<usize> = (0..np)
-                .flat_map(|r| (0..nb).map(move |b| (r, b)))
-                .map(|(r, b)| l.block_offset(r, b))
+                .flat_map(|r| (0..nb * bb).map(move |i| (r, i / bb, i % bb)))
+                .map(|(r, b, i)| l.code_offset(r, b, i))
                 .collect();
             blocks.sort_unstable();
-            let expect: Vec<usize> = (0..np * nb).map(|i| i * l.block_bytes()).collect();
+            let expect: Vec<usize> = (0..np * nb * bb).collect();
             assert_eq!(blocks, expect, "n {n} k {k} bits {bits}");
             let gpr = l.groups_per_row();
             let mut scales: Vec<usize> = (0..np)

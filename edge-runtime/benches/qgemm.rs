@@ -144,8 +144,9 @@ fn quantized(rng: &mut Rng, n: usize, k: usize, s: QSpec) -> Enc {
     for r in 0..n {
         for b in 0..kp / BLOCK {
             let codes: Vec<u8> = (0..BLOCK).map(|_| rng.below(s.codes) as u8).collect();
-            let at = l.block_offset(r, b);
-            pack_block(&codes, s.bits, &mut bytes[at..at + l.block_bytes()]);
+            let mut packed = [0u8; BLOCK];
+            pack_block(&codes, s.bits, &mut packed[..l.block_bytes()]);
+            l.write_block(&mut bytes, r, b, &packed);
         }
     }
     for t in 0..l.tables {
@@ -237,10 +238,26 @@ fn kinds() -> Vec<(&'static str, Encoder)> {
             "int4 g32 q8",
             q(spec(4, 32, 0, true, |_, c| c as f32 - 8.0)),
         ),
+        // As `edgetune compress --int4 --int8-activations` writes it: rows tiled by 16.
+        (
+            "int4 g32 tiled q8",
+            q(QSpec {
+                tiles: true,
+                ..spec(4, 32, 0, true, |_, c| c as f32 - 8.0)
+            }),
+        ),
         ("cb4/row q8", q(spec(4, 0, 1, true, random))),
         ("cb4/tensor q8", q(spec(4, 0, 0, true, random))),
         // MiniLM's recipe: a table per 16 rows and an f16 scale per 64 inputs (4.29 bits/weight).
         ("cb4/16 rows g64 q8", q(spec(4, 64, 16, true, random))),
+        // The same, rows interleaved by tiles of 16 (as `edgetune compress` writes it).
+        (
+            "cb4/16 rows g64 tiled q8",
+            q(QSpec {
+                tiles: true,
+                ..spec(4, 64, 16, true, random)
+            }),
+        ),
         ("cb4/row f32", q(spec(4, 0, 1, false, random))),
         ("cb3/row q8", q(spec(3, 0, 1, true, random))),
         ("cb2/row q8", q(spec(2, 0, 1, true, random))),

@@ -135,8 +135,9 @@ impl QCase {
                         }
                     })
                     .collect();
-                let at = l.block_offset(r, b);
-                pack_block(&block, bits, &mut bytes[at..at + l.block_bytes()]);
+                let mut packed = [0u8; BLOCK];
+                pack_block(&block, bits, &mut packed[..l.block_bytes()]);
+                l.write_block(&mut bytes, r, b, &packed);
             }
         }
         let mut luts = vec![0f32; l.tables * e];
@@ -596,8 +597,9 @@ fn gemv_tiles_every_output_path() {
     }
 }
 
-/// Row-tiled layouts: 2-bit affine codes (ternary, int2 levels, a slope) take the row-tiled
-/// kernels, anything else the reference; rows that end inside a tile, ragged k, every group
+/// Row-tiled layouts: 2-bit affine codes (ternary, int2 levels, a slope) and 4-bit codes with
+/// one table per tile (per tensor, per 16 or 32 rows) take the row-tiled kernels, anything else
+/// (per-row tables, 1 bit) the reference; rows that end inside a tile, ragged k, every group
 /// size, each m up to 6 and 32, both activation paths, and each way outputs leave.
 #[test]
 fn row_tiles_match_reference() {
@@ -608,7 +610,7 @@ fn row_tiles_match_reference() {
         (false, false, Activation::plain(ActKind::Tanh)),
     ];
     let mut case = 0usize;
-    for bits in [2usize, 2, 2, 1, 4] {
+    for bits in [2usize, 2, 2, 1, 4, 4, 4] {
         for n in [1usize, 5, 16, 17, 37, 48] {
             for k in [1usize, 32, 65, 200, 384] {
                 let kp = k.div_ceil(BLOCK) * BLOCK;
@@ -618,8 +620,15 @@ fn row_tiles_match_reference() {
                     2 => [Table::Ternary, Table::Linear, Table::Affine3, Table::Random][case % 4],
                     _ => rng.pick(&tables(bits)),
                 };
-                // One table (the affine kernels), or several (the reference).
-                let rpt = if case % 5 == 4 { 3 } else { n };
+                // One table (the affine kernels), or several: one per tile or tiles (the
+                // 4-bit kernels), or tables a tile's rows do not share (the reference).
+                let rpt = match (bits, case % 5) {
+                    (4, 0) => 16,
+                    (4, 1) => 32,
+                    (4, 2) => 1,
+                    (_, 4) => 3,
+                    _ => n,
+                };
                 let int8 = case % 4 != 3;
                 let flags = QFLAG_ROW_TILES | if int8 { QFLAG_INT8_ACTIVATIONS } else { 0 };
                 let (bias, col_major, act) = outputs[case % outputs.len()];
@@ -851,6 +860,16 @@ fn threaded_matches_single_threaded() {
         let flags = QFLAG_ROW_TILES | QFLAG_INT8_ACTIVATIONS;
         let q = QCase::with_flags(&mut rng, n, k, 2, 32, n, flags, Table::Ternary);
         cases.push((m, n, k, 2, n, q));
+    }
+    // Row-tiled 4-bit codebooks, a table per 16 or 32 rows: pieces must not split a table.
+    for (m, n, k, rpt) in [
+        (1usize, 1537usize, 384usize, 16usize),
+        (1, 385, 1536, 32),
+        (32, 200, 448, 16),
+    ] {
+        let flags = QFLAG_ROW_TILES | QFLAG_INT8_ACTIVATIONS;
+        let q = QCase::with_flags(&mut rng, n, k, 4, 64, rpt, flags, Table::Random);
+        cases.push((m, n, k, 4, rpt, q));
     }
     for (m, n, k, bits, rpt, q) in cases {
         for col_major in [false, true] {

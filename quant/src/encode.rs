@@ -112,7 +112,6 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
         });
     }
     let mut bytes = vec![0u8; l.len];
-    let rb = l.row_bytes();
     let mut block = [0u8; BLOCK];
     for r in 0..p.n {
         for b in 0..l.kp / BLOCK {
@@ -120,8 +119,9 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
                 let kk = b * BLOCK + e;
                 *c = if kk < p.k { p.codes[r * p.k + kk] } else { 0 };
             }
-            let at = r * rb + b * l.block_bytes();
-            pack_block(&block, p.bits, &mut bytes[at..at + l.block_bytes()]);
+            let mut packed = [0u8; BLOCK];
+            pack_block(&block, p.bits, &mut packed[..l.block_bytes()]);
+            l.write_block(&mut bytes, r, b, &packed);
         }
     }
     for t in 0..l.tables {
@@ -164,7 +164,8 @@ pub fn encode_qblock(p: &QBlockParts<'_>) -> Result<Encoded> {
 
 /// The same block-quantized weight with its rows interleaved by tiles of 16
 /// ([`QFLAG_ROW_TILES`]): what the runtime's fastest GEMVs of 2-bit affine codes (ternary,
-/// int2 with int8 activations) stream. Every other part is unchanged.
+/// int2) and of 4-bit codes with one table per tile stream, with int8 activations. Every other
+/// part is unchanged.
 ///
 /// ```
 /// # use edgetune_quant::encode::{decode, encode_ternary, row_tiles};
@@ -197,11 +198,9 @@ pub fn row_tiles(e: &Encoded, n: usize, k: usize) -> Result<Encoded> {
         what: "row-tiled layout parameters",
     })?;
     let mut bytes = vec![0u8; to.len];
-    let bb = from.block_bytes();
     for r in 0..n {
         for b in 0..from.kp / BLOCK {
-            let (src, dst) = (from.block_offset(r, b), to.block_offset(r, b));
-            bytes[dst..dst + bb].copy_from_slice(&e.bytes[src..src + bb]);
+            to.write_block(&mut bytes, r, b, &from.read_block(&e.bytes, r, b));
         }
         for g in 0..from.groups_per_row() {
             let (src, dst) = (from.scale_offset(r, g), to.scale_offset(r, g));
@@ -432,12 +431,8 @@ pub fn decode(e: &Encoded, n: usize, k: usize) -> Result<Vec<f32>> {
                 let t = r / l.rows_per_table;
                 for kk in 0..k {
                     let (b, el) = (kk / BLOCK, kk % BLOCK);
-                    let at = l.block_offset(r, b);
-                    let code = edgetune_core::layout::block_code(
-                        &e.bytes[at..at + l.block_bytes()],
-                        l.bits,
-                        el,
-                    ) as usize;
+                    let block = l.read_block(&e.bytes, r, b);
+                    let code = edgetune_core::layout::block_code(&block, l.bits, el) as usize;
                     let v = f16_at(&e.bytes, l.lut_off + (t * l.entries() + code) * 2);
                     let s = f16_at(&e.bytes, l.scale_offset(r, kk / l.group));
                     out[r * k + kk] = v * s;
@@ -516,6 +511,22 @@ mod tests {
         );
         let e3 = encode_codebook(&cb2, false).unwrap();
         assert_eq!(e2.bytes.len() - e3.bytes.len(), n2 * 12);
+    }
+
+    #[test]
+    fn row_tiles_keep_every_weight_of_any_width() {
+        // Words of 16 rows interleaved (3 and 4 bits), whole blocks (1 and 2 bits); rows that
+        // end inside a tile, a ragged k.
+        for (bits, n, k) in [(4, 37, 70), (3, 20, 64), (2, 17, 96), (1, 16, 33)] {
+            let w = SplitMix64::new(bits as u64).gaussian_vec(n * k);
+            let gran = Granularity::PerGroupOfRows(16);
+            let cb = codebook_quantize(&w, n, k, bits, gran, None).unwrap();
+            let rows = encode_codebook(&cb, true).unwrap();
+            let tiled = row_tiles(&rows, n, k).unwrap();
+            assert_eq!(tiled.params[3], rows.params[3] | QFLAG_ROW_TILES);
+            assert_eq!(decode(&tiled, n, k).unwrap(), decode(&rows, n, k).unwrap());
+            assert!(row_tiles(&tiled, n, k).is_err(), "tiled twice");
+        }
     }
 
     #[test]

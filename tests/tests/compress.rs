@@ -172,10 +172,16 @@ fn compressed_weights_are_never_expanded() {
         Method::Sparse { keep: 2, m: 4 },
     ]
     .map(|m| (m, false));
-    // Ternary with int8 activations: the row-tiled layout and its integer kernels.
+    // Ternary, and a 4-bit codebook with a table per 16 rows and a scale per 64 inputs (MiniLM's
+    // recipe), with int8 activations: the row-tiled layouts and their integer kernels.
+    let cb_tiles = Method::Codebook {
+        bits: 4,
+        rows_per_table: 16,
+        scale_group: 64,
+    };
     let methods = methods
         .into_iter()
-        .chain([(Method::Ternary { group: 64 }, true)]);
+        .chain([(Method::Ternary { group: 64 }, true), (cb_tiles, true)]);
     let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
     for (m, int8_activations) in methods {
         let mut g = one_layer(n, k);
@@ -200,7 +206,7 @@ fn compressed_weights_are_never_expanded() {
         assert_eq!(
             enc.params[3] & edgetune_core::layout::QFLAG_ROW_TILES != 0,
             int8_activations,
-            "{}: ternary rows are tiled exactly when activations are int8",
+            "{}: rows are tiled exactly when activations are int8",
             m.label()
         );
         let decoded = edgetune_quant::encode::decode(
@@ -213,6 +219,12 @@ fn compressed_weights_are_never_expanded() {
             k,
         )
         .unwrap();
+        // With int8 activations the kernels multiply the tables' int8 copies.
+        let decoded = if int8_activations {
+            int8_table_weights(&enc.bytes, enc.params, n, k)
+        } else {
+            decoded
+        };
         let (bytes, _) = pack(&g).unwrap();
         let ab = AlignedBytes::from(&bytes[..]);
         let model = Model::from_bytes(ab.as_bytes()).unwrap();
@@ -284,6 +296,26 @@ fn compressed_weights_are_never_expanded() {
             m.label()
         );
     }
+}
+
+/// The weights a block-quantized tensor with int8 activations multiplies:
+/// `scale · lut_i8[code] · lut_scale`, row-major `n × k`.
+fn int8_table_weights(bytes: &[u8], params: [u32; 4], n: usize, k: usize) -> Vec<f32> {
+    let l = edgetune_core::layout::QBlockLayout::new(n, k, params).unwrap();
+    let f16_at = |o: usize| half::f16::from_le_bytes([bytes[o], bytes[o + 1]]).to_f32();
+    let mut w = vec![0f32; n * k];
+    for r in 0..n {
+        let t = r / l.rows_per_table;
+        let o = l.lut_scale_off + 4 * t;
+        let lut_scale = f32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        for i in 0..k {
+            let block = l.read_block(bytes, r, i / 32);
+            let code = edgetune_core::layout::block_code(&block, l.bits, i % 32) as usize;
+            let v = bytes[l.lut_i8_off + t * l.entries() + code] as i8 as f32;
+            w[r * k + i] = f16_at(l.scale_offset(r, i / l.group)) * v * lut_scale;
+        }
+    }
+    w
 }
 
 /// Mean output per channel of `g` over `x`'s rows (run one row at a time).

@@ -6,6 +6,7 @@ pub mod recipe;
 pub mod surgery;
 
 use anyhow::{anyhow, bail, Context, Result};
+use edgetune_core::layout::ROW_TILE;
 use edgetune_core::{Encoding, Op};
 use edgetune_quant::encode::{self, padded_k, Encoded};
 use edgetune_quant::gptq::{
@@ -365,7 +366,13 @@ fn encode_matrix(
                             quantize_groups(&wp, n, kp, 4, grp, imp.as_deref(), ScaleSearch::Grid)?
                         }
                     };
-                    encode::encode_groups(&q, int8)?
+                    let rows = encode::encode_groups(&q, int8)?;
+                    if int8 {
+                        // Rows interleaved by 16: the runtime's row-tiled 4-bit GEMVs.
+                        encode::row_tiles(&rows, n, k)?
+                    } else {
+                        rows
+                    }
                 }
                 Method::Ternary { .. } => {
                     let t = match &h {
@@ -441,7 +448,15 @@ fn encode_matrix(
                 // With the indices chosen, tables and scales fitted to the layer's output.
                 refit_codebook(&mut cb, w, &h)?;
             }
-            encode::encode_codebook(&cb, int8)?
+            let e = encode::encode_codebook(&cb, int8)?;
+            let rpt = e.params[2] as usize;
+            if int8 && *bits == 4 && (rpt >= n || rpt.is_multiple_of(ROW_TILE)) {
+                // Rows interleaved by 16, one table per tile: the runtime's row-tiled 4-bit
+                // GEMVs.
+                encode::row_tiles(&e, n, k)?
+            } else {
+                e
+            }
         }
         Method::Sparse { keep, m } => {
             if k % m != 0 {

@@ -184,8 +184,8 @@ fn decode_weight(model: &Model<'_>, id: u32) -> std::result::Result<LinearW, &'s
             let mut codes = vec![0u8; n * k];
             for r in 0..n {
                 for c in 0..k {
-                    let at = l.block_offset(r, c / 32);
-                    codes[r * k + c] = block_code(&bytes[at..at + l.block_bytes()], l.bits, c % 32);
+                    let block = l.read_block(bytes, r, c / 32);
+                    codes[r * k + c] = block_code(&block, l.bits, c % 32);
                 }
             }
             let lut: Vec<f32> = (0..l.tables * l.entries())

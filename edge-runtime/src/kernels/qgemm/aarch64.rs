@@ -159,6 +159,7 @@ mod neon {
 
     use super::super::{
         q8_row_bytes, tiled_offsets, QGemm, QWeights, SparseWeights, TILED_GROUPS, TILE_BLOCK,
+        TILE_BLOCK4,
     };
     use crate::math;
 
@@ -714,7 +715,7 @@ mod neon {
     }
 
     // -----------------------------------------------------------------------------------------
-    // Row-tiled 2-bit affine codes (int8 activations)
+    // Row-tiled 2-bit affine and 4-bit codes (int8 activations)
     // -----------------------------------------------------------------------------------------
 
     /// One row-tiled product's operands as raw pointers (extents checked in [`tiled`]).
@@ -729,20 +730,86 @@ mod neon {
         kp: usize,
         alpha: f32,
         beta: f32,
-        lut_scale: f32,
+        /// The int8 tables and their f32 scales; each tile's rows share one ([`Tiled::table`]).
+        lut: *const u8,
+        lut_scales: *const u8,
+        rpt: usize,
         n: usize,
         out: Out,
     }
 
+    impl Tiled {
+        /// The table of tile `tile`'s rows (one table per tile: [`tiled`] checks).
+        fn table(&self, tile: usize) -> usize {
+            if self.rpt >= self.n {
+                0
+            } else {
+                tile * ROW_TILE / self.rpt
+            }
+        }
+
+        /// The f32 scale of tile `tile`'s table.
+        ///
+        /// # Safety
+        /// `tile` must be below `⌈n/16⌉`.
+        unsafe fn lut_scale(&self, tile: usize) -> f32 {
+            // SAFETY: the tile's table exists (`check_q` checked every table's scale).
+            unsafe { f32_at(self.lut_scales.add(4 * self.table(tile))) }
+        }
+
+        /// The 16 f16 row scales of tile `tile`, group `g`, as f32.
+        ///
+        /// # Safety
+        /// `tile` must be below `⌈n/16⌉` and `g` below the groups per row.
+        unsafe fn scales16(&self, tile: usize, g: usize) -> [float32x4_t; 4] {
+            // SAFETY: the scales of whole tiles were checked (`check_q`).
+            unsafe {
+                let s = self.scales.add((tile * self.gpr + g) * ROW_TILE * 2) as *const u16;
+                let (s0, s1) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s));
+                let (s2, s3) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s.add(8)));
+                [s0, s1, s2, s3]
+            }
+        }
+
+        /// Writes outputs `(i, j0..j0 + 16)` of tile `tile` from `acc` times its table's scale,
+        /// those below `n`.
+        ///
+        /// # Safety
+        /// As for [`Out::put`], for the outputs below `n`; `tile` below `⌈n/16⌉`.
+        unsafe fn put16(&self, i: usize, tile: usize, acc: &[float32x4_t; 4]) {
+            // SAFETY: as the caller guarantees.
+            unsafe {
+                let ls = self.lut_scale(tile);
+                let mut y = [0f32; ROW_TILE];
+                for j in 0..4 {
+                    vst1q_f32(y.as_mut_ptr().add(4 * j), vmulq_n_f32(acc[j], ls));
+                }
+                let j0 = tile * ROW_TILE;
+                for (r, v) in y
+                    .iter()
+                    .enumerate()
+                    .take(self.n.saturating_sub(j0).min(ROW_TILE))
+                {
+                    self.out.put(i, j0 + r, *v);
+                }
+            }
+        }
+    }
+
     /// The row-tiled product of 2-bit codes whose one int8 table is affine
-    /// (`lut_i8[c] = α·c + β`: ternary, int2); false (nothing written) for any other
-    /// row-tiled weight, which the caller hands to the reference.
+    /// (`lut_i8[c] = α·c + β`: ternary, int2), or of 4-bit codes whose tiles each take one
+    /// table; false (nothing written) for any other row-tiled weight, which the caller hands to
+    /// the reference.
     ///
-    /// A tile block is eight registers of two rows (each row's 8 bytes two lanes). Plane `p`
-    /// of a row's bytes `4h..4h + 4` holds inputs `8p + 4h ..`, so one 8-byte run of
+    /// 2 bits: a tile block is eight registers of two rows (each row's 8 bytes two lanes).
+    /// Plane `p` of a row's bytes `4h..4h + 4` holds inputs `8p + 4h ..`, so one 8-byte run of
     /// activations, doubled, serves every register: `sdot` (or `smull`/`smlal` and pairwise
     /// adds) gives each lane's sum, converted and scaled by `d` per block; per group the lane
     /// pairs are added, `α`, `β·Σd·Σq` and the 16 row scales applied.
+    ///
+    /// 4 bits: a register is one 4-byte word of 4 rows (one lane each: low nibbles inputs
+    /// `4w..4w + 4`, high ones `16 + 4w..`); `tbl` looks both up in the tile's table and
+    /// [`dot_words`] multiplies them with the block's activation words, broadcast.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tiled<const DOT: bool>(
         w: &QWeights<'_>,
@@ -755,10 +822,13 @@ mod neon {
         act: Activation,
     ) -> bool {
         let l = w.layout;
-        let Some((alpha, beta)) = w.affine_i8() else {
-            return false;
+        let one_table = l.rows_per_table >= l.n || l.rows_per_table.is_multiple_of(ROW_TILE);
+        let (alpha, beta) = match (l.bits, w.affine_i8()) {
+            (2, Some(ab)) => ab,
+            (4, _) if one_table => (1, 0),
+            _ => return false,
         };
-        if l.bits != 2 || l.groups_per_row() > TILED_GROUPS {
+        if l.groups_per_row() > TILED_GROUPS {
             return false;
         }
         let t = Tiled {
@@ -772,10 +842,20 @@ mod neon {
             kp: l.kp,
             alpha: alpha as f32,
             beta: beta as f32,
-            lut_scale: w.lut_scale(0),
+            lut: w.bytes[l.lut_i8_off..].as_ptr(),
+            lut_scales: w.bytes[l.lut_scale_off..].as_ptr(),
+            rpt: l.rows_per_table,
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
+        if l.bits == 4 {
+            for i in 0..m {
+                // SAFETY: the caller checked whole tiles of codes and scales and every table
+                // (`check_q`), `m` activation rows and the outputs; `DOT` only with `sdot`.
+                unsafe { tiled4_row::<DOT>(&t, i) };
+            }
+            return true;
+        }
         let mut kg = [0f32; TILED_GROUPS];
         for i in 0..m {
             let row = &rows[i * t.arb..(i + 1) * t.arb];
@@ -838,10 +918,7 @@ mod neon {
                             *fh = vfmaq_f32(*fh, vcvtq_f32_s32(isum), d);
                         }
                     }
-                    let s = t.scales.add((tile * t.gpr + g) * ROW_TILE * 2) as *const u16;
-                    let (s0, s1) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s));
-                    let (s2, s3) = crate::kernels::gemm::aarch64::widen_f16(vld1q_u16(s.add(8)));
-                    let sc = [s0, s1, s2, s3];
+                    let sc = t.scales16(tile, g);
                     let off = vdupq_n_f32(kg[g]);
                     for j in 0..4 {
                         let v = vpaddq_f32(f[2 * j], f[2 * j + 1]);
@@ -849,18 +926,79 @@ mod neon {
                         acc[j] = vfmaq_f32(acc[j], v, sc[j]);
                     }
                 }
-                let mut y = [0f32; ROW_TILE];
-                for j in 0..4 {
-                    vst1q_f32(y.as_mut_ptr().add(4 * j), vmulq_n_f32(acc[j], t.lut_scale));
+                t.put16(i, tile, &acc);
+            }
+        }
+    }
+
+    /// [`tiled`] for activation row `i` of 4-bit codes.
+    ///
+    /// # Safety
+    /// As [`tiled`] checks; `DOT` needs `sdot`.
+    unsafe fn tiled4_row<const DOT: bool>(t: &Tiled, i: usize) {
+        // SAFETY: reads inside the extents the caller checked; outputs through `Out::put`.
+        unsafe {
+            let nib = vdupq_n_u8(0x0F);
+            let row = t.acts.add(i * t.arb);
+            for tile in 0..t.n.div_ceil(ROW_TILE) {
+                let tab = vld1q_s8(t.lut.add(16 * t.table(tile)) as *const i8);
+                let base = t.codes.add(tile * t.nb * TILE_BLOCK4);
+                let mut acc = [vdupq_n_f32(0.0); 4];
+                for g in 0..t.gpr {
+                    let mut f = [vdupq_n_f32(0.0); 4];
+                    for b in g * t.bpg..(g + 1) * t.bpg {
+                        let p = base.add(b * TILE_BLOCK4);
+                        let q = row.add(b * BLOCK);
+                        let mut s = [vdupq_n_s32(0); 4];
+                        for w in 0..4 {
+                            let word = |o: usize| {
+                                let v = core::ptr::read_unaligned(q.add(o) as *const i32);
+                                vreinterpretq_s8_s32(vdupq_n_s32(v))
+                            };
+                            let qv = (word(4 * w), word(16 + 4 * w));
+                            for (j, sj) in s.iter_mut().enumerate() {
+                                // Word w of rows 4j..4j + 4, one lane each.
+                                let x = vld1q_u8(p.add(64 * w + 16 * j));
+                                let lo = vqtbl1q_s8(tab, vandq_u8(x, nib));
+                                let hi = vqtbl1q_s8(tab, vshrq_n_u8::<4>(x));
+                                *sj = dot_words::<DOT>(*sj, (lo, hi), qv);
+                            }
+                        }
+                        let d = vdupq_n_f32(f32_at(row.add(t.kp + 4 * b)));
+                        for j in 0..4 {
+                            f[j] = vfmaq_f32(f[j], vcvtq_f32_s32(s[j]), d);
+                        }
+                    }
+                    let sc = t.scales16(tile, g);
+                    for j in 0..4 {
+                        acc[j] = vfmaq_f32(acc[j], f[j], sc[j]);
+                    }
                 }
-                let j0 = tile * ROW_TILE;
-                for (r, v) in y
-                    .iter()
-                    .enumerate()
-                    .take(t.n.saturating_sub(j0).min(ROW_TILE))
-                {
-                    t.out.put(i, j0 + r, *v);
-                }
+                t.put16(i, tile, &acc);
+            }
+        }
+    }
+
+    /// `acc + Σ w·q` per 4-byte word (lane), over both halves, exact.
+    #[inline(always)]
+    unsafe fn dot_words<const DOT: bool>(
+        acc: int32x4_t,
+        w: (int8x16_t, int8x16_t),
+        q: (int8x16_t, int8x16_t),
+    ) -> int32x4_t {
+        // SAFETY: `DOT` only when the CPU has `sdot` (checked by the callers).
+        unsafe {
+            if DOT {
+                sdot(sdot(acc, w.0, q.0), w.1, q.1)
+            } else {
+                // Two products of |w| ≤ 128 and |q| ≤ 127 fit i16; pairwise adds keep words apart.
+                let lo = vmlal_s8(
+                    vmull_s8(vget_low_s8(w.0), vget_low_s8(q.0)),
+                    vget_low_s8(w.1),
+                    vget_low_s8(q.1),
+                );
+                let hi = vmlal_high_s8(vmull_high_s8(w.0, q.0), w.1, q.1);
+                vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)))
             }
         }
     }

@@ -57,7 +57,7 @@ pub fn qgemm_f32_with(
                     let valid = BLOCK.min(l.k.saturating_sub(b * BLOCK));
                     let block = w.block(n, b);
                     for (e, d) in dec.iter_mut().enumerate().take(valid) {
-                        *d = lut[block_code(block, l.bits, e) as usize];
+                        *d = lut[block_code(&block, l.bits, e) as usize];
                     }
                     for (r, a) in acc_g.iter_mut().enumerate().take(rows) {
                         let x = &g.a
@@ -107,7 +107,7 @@ pub fn qgemm_q8(
                 let block = w.block(n, b);
                 let mut isum = 0i32;
                 for e in 0..BLOCK {
-                    let wv = lut[block_code(block, l.bits, e) as usize] as i8 as i32;
+                    let wv = lut[block_code(&block, l.bits, e) as usize] as i8 as i32;
                     isum += wv * q[b * BLOCK + e] as i8 as i32;
                 }
                 let d = f32::from_le_bytes(ds[b * 4..b * 4 + 4].try_into().unwrap());

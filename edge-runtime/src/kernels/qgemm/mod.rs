@@ -33,10 +33,9 @@ pub struct QWeights<'a> {
 }
 
 impl QWeights<'_> {
-    /// Code bytes of block `b` of row `n`.
-    pub fn block(&self, n: usize, b: usize) -> &[u8] {
-        let at = self.layout.block_offset(n, b);
-        &self.bytes[at..at + self.layout.block_bytes()]
+    /// Code bytes of block `b` of row `n` (the first `block_bytes()`).
+    pub fn block(&self, n: usize, b: usize) -> [u8; 32] {
+        self.layout.read_block(self.bytes, n, b)
     }
 
     /// f16 table entry `code` of table `t`, as bits.
@@ -94,7 +93,7 @@ pub fn decode_row(w: &QWeights<'_>, n: usize, out: &mut [f32]) {
     }
     for (kk, o) in out.iter_mut().enumerate().take(l.k) {
         let (b, e) = (kk / BLOCK, kk % BLOCK);
-        let code = edgetune_core::layout::block_code(w.block(n, b), l.bits, e);
+        let code = edgetune_core::layout::block_code(&w.block(n, b), l.bits, e);
         *o = lut[code as usize] * half::f16::from_bits(w.scale_f16(n, kk / l.group)).to_f32();
     }
 }
@@ -142,6 +141,10 @@ const TILED_GROUPS: usize = 512;
 /// Bytes of one block of a row tile of 2-bit codes: 16 rows × 8 bytes.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const TILE_BLOCK: usize = edgetune_core::layout::ROW_TILE * 8;
+
+/// Bytes of one block of a row tile of 4-bit codes: 16 rows × 16 bytes.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const TILE_BLOCK4: usize = edgetune_core::layout::ROW_TILE * 16;
 
 /// `β · Σ_{b ∈ g} d_b · Σ q_b` for every group of `bpg` blocks of one int8 activation row
 /// (`kp` codes, then `kp / 32` f32 scales): the part of each output of an affine table

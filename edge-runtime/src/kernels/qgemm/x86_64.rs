@@ -52,7 +52,10 @@
 //! bytes, so each bit plane (a shift and a mask) of one 64-byte register is 8 rows × 8 inputs,
 //! multiplied in `vpdpbusd` with the 8 activations broadcast to every row: 16 outputs per
 //! step, no per-row horizontal sums, and up to 4 activation rows per unpacked block (256-bit
-//! registers: 4 rows a register, `maddubs` or AVX-VNNI, one activation row). Other row-tiled
+//! registers: 4 rows a register, `maddubs` or AVX-VNNI, one activation row). 4-bit codes whose
+//! tiles each take one table (one per tensor, or per a multiple of 16 rows: the compressor's
+//! codebooks) have theirs too: a register is one 4-byte word of 16 rows (8 inputs each, one
+//! lane per row), looked up with one `vpermb` per nibble ([`tiled4_avx512`]). Other row-tiled
 //! weights run the reference.
 //!
 //! [`quantize_q8`] is the exact AVX2 version of [`super::quantize_q8`].
@@ -84,7 +87,7 @@ use edgetune_core::Activation;
 
 use super::{
     generic, panel, q8_row_bytes, tiled_offsets, QGemm, QWeights, SparseWeights, TILED_GROUPS,
-    TILE_BLOCK,
+    TILE_BLOCK, TILE_BLOCK4,
 };
 use crate::kernels::gemm;
 use crate::math;
@@ -706,8 +709,17 @@ fn q8_with(
         }
     }
     if l.row_tiles() {
-        if l.bits != 2 || mode != AFFINE || l.groups_per_row() > TILED_GROUPS {
+        // 2-bit affine codes unpack by planes; 4-bit codes are looked up in their tile's one
+        // table (`maddubs` multiplies signed weights: no −128).
+        let one_table = l.rows_per_table >= l.n || l.rows_per_table.is_multiple_of(ROW_TILE);
+        let nibbles = l.bits == 4 && one_table && (dot != MADDUBS || lo > -128);
+        if !(l.bits == 2 && mode == AFFINE || nibbles) || l.groups_per_row() > TILED_GROUPS {
             return generic::qgemm_q8(w, rows, m, c, c_rs, c_cs, bias, act);
+        }
+        if nibbles {
+            // Σ w·q = Σ (w + 128)·q − 128·Σq with the unsigned `vpdpbusd` operand w + 128;
+            // `maddubs` takes the signs of q instead (no offset).
+            (alpha, beta) = (1, if dot == MADDUBS { 0 } else { -128 });
         }
         let t = Tiled {
             codes: w.bytes.as_ptr(),
@@ -720,14 +732,16 @@ fn q8_with(
             kp: l.kp,
             alpha: alpha as f32,
             beta: beta as f32,
-            lut_scale: w.lut_scale(0),
+            lut: luts.as_ptr(),
+            lut_scales: w.bytes[l.lut_scale_off..].as_ptr(),
+            rpt: l.rows_per_table,
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above) and the `dot` instructions
-        // (the callers check); `check_q` checked whole tiles of codes and scales, the rows'
-        // length is checked above, and `c` is borrowed mutably for this call.
-        unsafe { tiled_run(dot, &t, m) };
+        // (the callers check); `check_q` checked whole tiles of codes and scales and every
+        // table, the rows' length is checked above, and `c` is borrowed mutably for this call.
+        unsafe { tiled_run(dot, l.bits, &t, m) };
         return;
     }
     // |w| = 128 breaks `sign(w, q)`: multiply |w| with sign(q, w) instead.
@@ -2054,12 +2068,33 @@ struct Tiled {
     kp: usize,
     alpha: f32,
     beta: f32,
-    lut_scale: f32,
+    /// The int8 tables and their f32 scales; each tile's rows share one ([`Tiled::table`]).
+    lut: *const u8,
+    lut_scales: *const u8,
+    rpt: usize,
     n: usize,
     out: Out,
 }
 
 impl Tiled {
+    /// The table of tile `tile`'s rows (one table per tile: `q8_with` checks).
+    fn table(&self, tile: usize) -> usize {
+        if self.rpt >= self.n {
+            0
+        } else {
+            tile * ROW_TILE / self.rpt
+        }
+    }
+
+    /// The f32 scale of tile `tile`'s table.
+    ///
+    /// # Safety
+    /// `tile` must be below `⌈n/16⌉`.
+    unsafe fn lut_scale(&self, tile: usize) -> f32 {
+        // SAFETY: the tile's table exists (`check_q` checked every table's scale).
+        unsafe { f32_at(self.lut_scales.add(4 * self.table(tile))) }
+    }
+
     /// [`tiled_offsets`] of activation row `i`.
     ///
     /// # Safety
@@ -2087,13 +2122,13 @@ impl Tiled {
     }
 }
 
-/// The row-tiled product of 2-bit affine codes: the AVX-512 kernel with `dot` = AVX512-VNNI,
-/// else the 256-bit one (`maddubs` or AVX-VNNI).
+/// The row-tiled product of 2-bit affine or 4-bit codes: the AVX-512 kernels with `dot` =
+/// AVX512-VNNI, else the 256-bit ones (`maddubs` or AVX-VNNI).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available, and the instructions of `dot`; `t` must describe
-/// valid extents for `m` activation rows.
-unsafe fn tiled_run(dot: u8, t: &Tiled, m: usize) {
+/// valid extents for `m` activation rows of `bits`-bit codes (2 or 4).
+unsafe fn tiled_run(dot: u8, bits: usize, t: &Tiled, m: usize) {
     let mut kg = [[0f32; TILED_GROUPS]; TILED_MR];
     let mut i0 = 0;
     while i0 < m {
@@ -2108,13 +2143,19 @@ unsafe fn tiled_run(dot: u8, t: &Tiled, m: usize) {
         }
         // SAFETY: as the caller guarantees; rows i0..i0 + rows are below m.
         unsafe {
-            match (dot, rows) {
-                (AVX512_VNNI, 1) => tiled_avx512::<1>(t, i0, &kg),
-                (AVX512_VNNI, 2) => tiled_avx512::<2>(t, i0, &kg),
-                (AVX512_VNNI, 3) => tiled_avx512::<3>(t, i0, &kg),
-                (AVX512_VNNI, _) => tiled_avx512::<4>(t, i0, &kg),
-                (AVX_VNNI, _) => tiled_avx_vnni(t, i0, &kg[0]),
-                _ => tiled_avx2(t, i0, &kg[0]),
+            match (bits, dot, rows) {
+                (2, AVX512_VNNI, 1) => tiled_avx512::<1>(t, i0, &kg),
+                (2, AVX512_VNNI, 2) => tiled_avx512::<2>(t, i0, &kg),
+                (2, AVX512_VNNI, 3) => tiled_avx512::<3>(t, i0, &kg),
+                (2, AVX512_VNNI, _) => tiled_avx512::<4>(t, i0, &kg),
+                (2, AVX_VNNI, _) => tiled_avx_vnni(t, i0, &kg[0]),
+                (2, _, _) => tiled_avx2(t, i0, &kg[0]),
+                (_, AVX512_VNNI, 1) => tiled4_avx512::<1>(t, i0, &kg),
+                (_, AVX512_VNNI, 2) => tiled4_avx512::<2>(t, i0, &kg),
+                (_, AVX512_VNNI, 3) => tiled4_avx512::<3>(t, i0, &kg),
+                (_, AVX512_VNNI, _) => tiled4_avx512::<4>(t, i0, &kg),
+                (_, AVX_VNNI, _) => tiled4_avx_vnni(t, i0, &kg[0]),
+                _ => tiled4_avx2(t, i0, &kg[0]),
             }
         }
         i0 += rows;
@@ -2203,7 +2244,7 @@ unsafe fn tiled_avx512<const MR: usize>(
                 let mut y = [0f32; ROW_TILE];
                 _mm512_storeu_ps(
                     y.as_mut_ptr(),
-                    _mm512_mul_ps(acc[r], _mm512_set1_ps(t.lut_scale)),
+                    _mm512_mul_ps(acc[r], _mm512_set1_ps(t.lut_scale(tile))),
                 );
                 t.put16(i0 + r, tile * ROW_TILE, &y);
             }
@@ -2304,8 +2345,178 @@ unsafe fn tiled_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]
             for (h, a) in acc.iter().enumerate() {
                 _mm256_storeu_ps(
                     y.as_mut_ptr().add(8 * h),
-                    _mm256_mul_ps(*a, _mm256_set1_ps(t.lut_scale)),
+                    _mm256_mul_ps(*a, _mm256_set1_ps(t.lut_scale(tile))),
                 );
+            }
+            t.put16(i, tile * ROW_TILE, &y);
+        }
+    }
+}
+
+/// Row-tiled 4-bit GEMV/GEMM for `MR` activation rows from `i0` on (AVX512-VNNI).
+///
+/// A tile block is four registers, word `w` of the 16 rows each (one lane per row): low
+/// nibbles are inputs `4w..4w + 4`, high ones `16 + 4w..`, so one broadcast word of activations
+/// serves every row. `vpermb` looks the nibbles up in the tile's table (`w + 128`, repeated in
+/// the four 128-bit lanes: its 6-bit index needs no mask, and the high nibbles need one 16-bit
+/// shift), eight `vpdpbusd` sum the block per row; per block the sums are converted and scaled
+/// by `d`, per group `−128·Σd·Σq` is added and the row scales applied.
+///
+/// # Safety
+/// As for [`tiled_run`] with AVX512-VNNI; rows `i0..i0 + MR` must be below `m`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn tiled4_avx512<const MR: usize>(
+    t: &Tiled,
+    i0: usize,
+    kg: &[[f32; TILED_GROUPS]; TILED_MR],
+) {
+    // SAFETY: tile blocks, tables, scales and activations are read inside the extents
+    // `q8_with` checked (codes and scales of ⌈n/16⌉ whole tiles, every table, `kp` codes and
+    // `kp/32` scales per activation row); outputs go through `put16`.
+    unsafe {
+        let rows: [*const u8; MR] = core::array::from_fn(|r| t.acts.add((i0 + r) * t.arb));
+        for tile in 0..t.n.div_ceil(ROW_TILE) {
+            let tab = _mm_loadu_si128(t.lut.add(16 * t.table(tile)) as *const __m128i);
+            let tz = _mm512_xor_si512(_mm512_broadcast_i32x4(tab), _mm512_set1_epi8(-128));
+            let base = t.codes.add(tile * t.nb * TILE_BLOCK4);
+            let mut acc = [_mm512_setzero_ps(); MR];
+            for g in 0..t.gpr {
+                let mut f = [_mm512_setzero_ps(); MR];
+                for b in g * t.bpg..(g + 1) * t.bpg {
+                    let p = base.add(b * TILE_BLOCK4);
+                    prefetch_ahead(p, 4096, 0, TILE_BLOCK4);
+                    // Two chains of four `vpdpbusd` per activation row.
+                    let mut s = [[_mm512_setzero_si512(); 2]; MR];
+                    for w in 0..4 {
+                        let x = _mm512_loadu_si512(p.add(64 * w) as *const __m512i);
+                        let lo = _mm512_permutexvar_epi8(x, tz);
+                        let hi = _mm512_permutexvar_epi8(_mm512_srli_epi16::<4>(x), tz);
+                        for r in 0..MR {
+                            let q = rows[r].add(b * BLOCK + 4 * w);
+                            let word = |o: usize| {
+                                _mm512_set1_epi32(core::ptr::read_unaligned(q.add(o) as *const i32))
+                            };
+                            let c = &mut s[r][w / 2];
+                            *c = _mm512_dpbusd_epi32(*c, lo, word(0));
+                            *c = _mm512_dpbusd_epi32(*c, hi, word(16));
+                        }
+                    }
+                    for r in 0..MR {
+                        let d = _mm512_set1_ps(f32_at(rows[r].add(t.kp + 4 * b)));
+                        let v = _mm512_cvtepi32_ps(_mm512_add_epi32(s[r][0], s[r][1]));
+                        f[r] = _mm512_fmadd_ps(v, d, f[r]);
+                    }
+                }
+                let sc = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    t.scales.add((tile * t.gpr + g) * ROW_TILE * 2) as *const __m256i,
+                ));
+                for r in 0..MR {
+                    let v = _mm512_add_ps(f[r], _mm512_set1_ps(kg[r][g]));
+                    acc[r] = _mm512_fmadd_ps(v, sc, acc[r]);
+                }
+            }
+            let ls = _mm512_set1_ps(t.lut_scale(tile));
+            for r in 0..MR {
+                let mut y = [0f32; ROW_TILE];
+                _mm512_storeu_ps(y.as_mut_ptr(), _mm512_mul_ps(acc[r], ls));
+                t.put16(i0 + r, tile * ROW_TILE, &y);
+            }
+        }
+    }
+}
+
+/// [`tiled4_ymm`] with `maddubs`.
+///
+/// # Safety
+/// As for [`tiled_run`]; row `i` must be below `m`; no table holds −128.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tiled4_avx2(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as the caller guarantees.
+    unsafe { tiled4_ymm::<MADDUBS>(t, i, kg) }
+}
+
+/// [`tiled4_ymm`] with AVX-VNNI's `vpdpbusd`.
+///
+/// # Safety
+/// As for [`tiled_run`] with AVX-VNNI; row `i` must be below `m`.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn tiled4_avx_vnni(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as the caller guarantees.
+    unsafe { tiled4_ymm::<AVX_VNNI>(t, i, kg) }
+}
+
+/// Row-tiled 4-bit GEMV of activation row `i` on 256-bit registers: a tile block is eight
+/// registers, word `w` of 8 rows each, nibbles masked and looked up with `pshufb`, multiplied
+/// with AVX-VNNI's `vpdpbusd` (`w + 128`, as [`tiled4_avx512`]) or `maddubs(|q|, sign(w, q))`;
+/// otherwise as [`tiled4_avx512`].
+///
+/// # Safety
+/// As for [`tiled4_avx2`].
+#[inline(always)]
+unsafe fn tiled4_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]) {
+    // SAFETY: as in `tiled4_avx512`.
+    unsafe {
+        let nib = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let row = t.acts.add(i * t.arb);
+        for tile in 0..t.n.div_ceil(ROW_TILE) {
+            let tab = _mm_loadu_si128(t.lut.add(16 * t.table(tile)) as *const __m128i);
+            let mut tz = _mm256_broadcastsi128_si256(tab);
+            if DOT == AVX_VNNI {
+                tz = _mm256_xor_si256(tz, _mm256_set1_epi8(-128));
+            }
+            let base = t.codes.add(tile * t.nb * TILE_BLOCK4);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for g in 0..t.gpr {
+                let mut f = [_mm256_setzero_ps(); 2];
+                for b in g * t.bpg..(g + 1) * t.bpg {
+                    let p = base.add(b * TILE_BLOCK4);
+                    prefetch_ahead(p, 4096, 0, TILE_BLOCK4);
+                    let q = row.add(b * BLOCK);
+                    let mut s = [_mm256_setzero_si256(); 2];
+                    for w in 0..4 {
+                        let word = |o: usize| {
+                            _mm256_set1_epi32(core::ptr::read_unaligned(q.add(o) as *const i32))
+                        };
+                        let qv = [word(4 * w), word(16 + 4 * w)];
+                        for (h, sh) in s.iter_mut().enumerate() {
+                            let x = _mm256_loadu_si256(p.add(64 * w + 32 * h) as *const __m256i);
+                            let wv = [
+                                _mm256_shuffle_epi8(tz, _mm256_and_si256(x, nib)),
+                                _mm256_shuffle_epi8(
+                                    tz,
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), nib),
+                                ),
+                            ];
+                            for k in 0..2 {
+                                *sh = if DOT == AVX_VNNI {
+                                    _mm256_dpbusd_avx_epi32(*sh, wv[k], qv[k])
+                                } else {
+                                    // A `maddubs` pair is at most 2·127·127: widened at once.
+                                    let qa = _mm256_abs_epi8(qv[k]);
+                                    let pr =
+                                        _mm256_maddubs_epi16(qa, _mm256_sign_epi8(wv[k], qv[k]));
+                                    _mm256_add_epi32(*sh, _mm256_madd_epi16(pr, ones))
+                                };
+                            }
+                        }
+                    }
+                    let d = _mm256_set1_ps(f32_at(row.add(t.kp + 4 * b)));
+                    for h in 0..2 {
+                        f[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[h]), d, f[h]);
+                    }
+                }
+                let sp = t.scales.add((tile * t.gpr + g) * ROW_TILE * 2);
+                let off = _mm256_set1_ps(kg[g]);
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let sc = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(16 * h) as *const __m128i));
+                    *a = _mm256_fmadd_ps(_mm256_add_ps(f[h], off), sc, *a);
+                }
+            }
+            let mut y = [0f32; ROW_TILE];
+            let ls = _mm256_set1_ps(t.lut_scale(tile));
+            for (h, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(y.as_mut_ptr().add(8 * h), _mm256_mul_ps(*a, ls));
             }
             t.put16(i, tile * ROW_TILE, &y);
         }
