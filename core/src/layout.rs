@@ -167,6 +167,21 @@ impl QBlockLayout {
         self.flags & QFLAG_ROW_TILES != 0
     }
 
+    /// True when the rows of every [`ROW_TILE`] share one table (one table in all, or one per a
+    /// multiple of 16 rows): what row-tiled kernels with tables need.
+    pub fn one_table_per_tile(&self) -> bool {
+        self.rows_per_table >= self.n || self.rows_per_table.is_multiple_of(ROW_TILE)
+    }
+
+    /// The table of tile `tile`'s rows, when [`one_table_per_tile`](Self::one_table_per_tile).
+    pub fn tile_table(&self, tile: usize) -> usize {
+        if self.rows_per_table >= self.n {
+            0
+        } else {
+            tile * ROW_TILE / self.rows_per_table
+        }
+    }
+
     /// Rows stored: `n`, or `n` rounded up to whole tiles.
     pub fn stored_rows(&self) -> usize {
         if self.row_tiles() {

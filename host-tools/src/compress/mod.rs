@@ -6,7 +6,7 @@ pub mod recipe;
 pub mod surgery;
 
 use anyhow::{anyhow, bail, Context, Result};
-use edgetune_core::layout::ROW_TILE;
+use edgetune_core::layout::QBlockLayout;
 use edgetune_core::{Encoding, Op};
 use edgetune_quant::encode::{self, padded_k, Encoded};
 use edgetune_quant::gptq::{
@@ -265,6 +265,17 @@ fn weight(g: &Graph, t: TensorId) -> Vec<f32> {
         .to_vec()
 }
 
+/// A 4-bit weight with int8 activations whose tiles each take one table, rows interleaved by 16
+/// (the runtime's row-tiled 4-bit GEMVs); any other weight as it is.
+fn tiled_if_4bit(e: Encoded, n: usize, k: usize) -> Result<Encoded> {
+    let l =
+        QBlockLayout::new(n, k, e.params).ok_or_else(|| anyhow!("bad block-quantized layout"))?;
+    if l.bits == 4 && l.int8_activations() && l.one_table_per_tile() {
+        return Ok(encode::row_tiles(&e, n, k)?);
+    }
+    Ok(e)
+}
+
 /// The largest of 128, 64, 32 that divides `kp`, at most `want`.
 fn fit_group(want: usize, kp: usize) -> usize {
     [want, 128, 64, 32]
@@ -366,13 +377,7 @@ fn encode_matrix(
                             quantize_groups(&wp, n, kp, 4, grp, imp.as_deref(), ScaleSearch::Grid)?
                         }
                     };
-                    let rows = encode::encode_groups(&q, int8)?;
-                    if int8 {
-                        // Rows interleaved by 16: the runtime's row-tiled 4-bit GEMVs.
-                        encode::row_tiles(&rows, n, k)?
-                    } else {
-                        rows
-                    }
+                    tiled_if_4bit(encode::encode_groups(&q, int8)?, n, k)?
                 }
                 Method::Ternary { .. } => {
                     let t = match &h {
@@ -448,15 +453,7 @@ fn encode_matrix(
                 // With the indices chosen, tables and scales fitted to the layer's output.
                 refit_codebook(&mut cb, w, &h)?;
             }
-            let e = encode::encode_codebook(&cb, int8)?;
-            let rpt = e.params[2] as usize;
-            if int8 && *bits == 4 && (rpt >= n || rpt.is_multiple_of(ROW_TILE)) {
-                // Rows interleaved by 16, one table per tile: the runtime's row-tiled 4-bit
-                // GEMVs.
-                encode::row_tiles(&e, n, k)?
-            } else {
-                e
-            }
+            tiled_if_4bit(encode::encode_codebook(&cb, int8)?, n, k)?
         }
         Method::Sparse { keep, m } => {
             if k % m != 0 {

@@ -154,7 +154,7 @@ pub fn sparse_gemm(w: &SparseWeights<'_>, g: QGemm<'_>) {
 mod neon {
     use core::arch::aarch64::*;
 
-    use edgetune_core::layout::{BLOCK, ROW_TILE};
+    use edgetune_core::layout::{QBlockLayout, BLOCK, ROW_TILE};
     use edgetune_core::Activation;
 
     use super::super::{
@@ -730,31 +730,23 @@ mod neon {
         kp: usize,
         alpha: f32,
         beta: f32,
-        /// The int8 tables and their f32 scales; each tile's rows share one ([`Tiled::table`]).
+        /// The int8 tables and their f32 scales; each tile's rows share one
+        /// ([`QBlockLayout::tile_table`] of `layout`).
         lut: *const u8,
         lut_scales: *const u8,
-        rpt: usize,
+        layout: QBlockLayout,
         n: usize,
         out: Out,
     }
 
     impl Tiled {
-        /// The table of tile `tile`'s rows (one table per tile: [`tiled`] checks).
-        fn table(&self, tile: usize) -> usize {
-            if self.rpt >= self.n {
-                0
-            } else {
-                tile * ROW_TILE / self.rpt
-            }
-        }
-
         /// The f32 scale of tile `tile`'s table.
         ///
         /// # Safety
         /// `tile` must be below `⌈n/16⌉`.
         unsafe fn lut_scale(&self, tile: usize) -> f32 {
             // SAFETY: the tile's table exists (`check_q` checked every table's scale).
-            unsafe { f32_at(self.lut_scales.add(4 * self.table(tile))) }
+            unsafe { f32_at(self.lut_scales.add(4 * self.layout.tile_table(tile))) }
         }
 
         /// The 16 f16 row scales of tile `tile`, group `g`, as f32.
@@ -822,10 +814,9 @@ mod neon {
         act: Activation,
     ) -> bool {
         let l = w.layout;
-        let one_table = l.rows_per_table >= l.n || l.rows_per_table.is_multiple_of(ROW_TILE);
         let (alpha, beta) = match (l.bits, w.affine_i8()) {
             (2, Some(ab)) => ab,
-            (4, _) if one_table => (1, 0),
+            (4, _) if l.one_table_per_tile() => (1, 0),
             _ => return false,
         };
         if l.groups_per_row() > TILED_GROUPS {
@@ -844,7 +835,7 @@ mod neon {
             beta: beta as f32,
             lut: w.bytes[l.lut_i8_off..].as_ptr(),
             lut_scales: w.bytes[l.lut_scale_off..].as_ptr(),
-            rpt: l.rows_per_table,
+            layout: l,
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
@@ -941,7 +932,7 @@ mod neon {
             let nib = vdupq_n_u8(0x0F);
             let row = t.acts.add(i * t.arb);
             for tile in 0..t.n.div_ceil(ROW_TILE) {
-                let tab = vld1q_s8(t.lut.add(16 * t.table(tile)) as *const i8);
+                let tab = vld1q_s8(t.lut.add(16 * t.layout.tile_table(tile)) as *const i8);
                 let base = t.codes.add(tile * t.nb * TILE_BLOCK4);
                 let mut acc = [vdupq_n_f32(0.0); 4];
                 for g in 0..t.gpr {

@@ -82,7 +82,7 @@
 
 use core::arch::x86_64::*;
 
-use edgetune_core::layout::{BLOCK, ROW_TILE};
+use edgetune_core::layout::{QBlockLayout, BLOCK, ROW_TILE};
 use edgetune_core::Activation;
 
 use super::{
@@ -711,8 +711,7 @@ fn q8_with(
     if l.row_tiles() {
         // 2-bit affine codes unpack by planes; 4-bit codes are looked up in their tile's one
         // table (`maddubs` multiplies signed weights: no −128).
-        let one_table = l.rows_per_table >= l.n || l.rows_per_table.is_multiple_of(ROW_TILE);
-        let nibbles = l.bits == 4 && one_table && (dot != MADDUBS || lo > -128);
+        let nibbles = l.bits == 4 && l.one_table_per_tile() && (dot != MADDUBS || lo > -128);
         if !(l.bits == 2 && mode == AFFINE || nibbles) || l.groups_per_row() > TILED_GROUPS {
             return generic::qgemm_q8(w, rows, m, c, c_rs, c_cs, bias, act);
         }
@@ -734,7 +733,7 @@ fn q8_with(
             beta: beta as f32,
             lut: luts.as_ptr(),
             lut_scales: w.bytes[l.lut_scale_off..].as_ptr(),
-            rpt: l.rows_per_table,
+            layout: l,
             n: l.n,
             out: Out::new(c, c_rs, c_cs, bias, act),
         };
@@ -2068,31 +2067,23 @@ struct Tiled {
     kp: usize,
     alpha: f32,
     beta: f32,
-    /// The int8 tables and their f32 scales; each tile's rows share one ([`Tiled::table`]).
+    /// The int8 tables and their f32 scales; each tile's rows share one
+    /// ([`QBlockLayout::tile_table`] of `layout`).
     lut: *const u8,
     lut_scales: *const u8,
-    rpt: usize,
+    layout: QBlockLayout,
     n: usize,
     out: Out,
 }
 
 impl Tiled {
-    /// The table of tile `tile`'s rows (one table per tile: `q8_with` checks).
-    fn table(&self, tile: usize) -> usize {
-        if self.rpt >= self.n {
-            0
-        } else {
-            tile * ROW_TILE / self.rpt
-        }
-    }
-
     /// The f32 scale of tile `tile`'s table.
     ///
     /// # Safety
     /// `tile` must be below `⌈n/16⌉`.
     unsafe fn lut_scale(&self, tile: usize) -> f32 {
         // SAFETY: the tile's table exists (`check_q` checked every table's scale).
-        unsafe { f32_at(self.lut_scales.add(4 * self.table(tile))) }
+        unsafe { f32_at(self.lut_scales.add(4 * self.layout.tile_table(tile))) }
     }
 
     /// [`tiled_offsets`] of activation row `i`.
@@ -2105,19 +2096,23 @@ impl Tiled {
         tiled_offsets(row, self.kp, self.bpg, self.beta, &mut kg[..self.gpr]);
     }
 
-    /// Writes outputs `(i, j0..j0 + 16)` from `v`, those below `n`.
+    /// Writes outputs `(i, j0..j0 + 16)` of tile `tile` from `v` times its table's scale, those
+    /// below `n`.
     ///
     /// # Safety
-    /// As for [`Out::put`], for the outputs below `n`.
+    /// As for [`Out::put`], for the outputs below `n`; `tile` below `⌈n/16⌉`.
     #[inline(always)]
-    unsafe fn put16(&self, i: usize, j0: usize, v: &[f32; ROW_TILE]) {
+    unsafe fn put16(&self, i: usize, tile: usize, v: &[f32; ROW_TILE]) {
+        let j0 = tile * ROW_TILE;
+        // SAFETY: as the caller guarantees.
+        let ls = unsafe { self.lut_scale(tile) };
         for (r, x) in v
             .iter()
             .enumerate()
             .take(self.n.saturating_sub(j0).min(ROW_TILE))
         {
             // SAFETY: as the caller guarantees.
-            unsafe { self.out.put(i, j0 + r, *x) };
+            unsafe { self.out.put(i, j0 + r, x * ls) };
         }
     }
 }
@@ -2242,11 +2237,8 @@ unsafe fn tiled_avx512<const MR: usize>(
             }
             for r in 0..MR {
                 let mut y = [0f32; ROW_TILE];
-                _mm512_storeu_ps(
-                    y.as_mut_ptr(),
-                    _mm512_mul_ps(acc[r], _mm512_set1_ps(t.lut_scale(tile))),
-                );
-                t.put16(i0 + r, tile * ROW_TILE, &y);
+                _mm512_storeu_ps(y.as_mut_ptr(), acc[r]);
+                t.put16(i0 + r, tile, &y);
             }
         }
     }
@@ -2343,12 +2335,9 @@ unsafe fn tiled_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS]
             }
             let mut y = [0f32; ROW_TILE];
             for (h, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(
-                    y.as_mut_ptr().add(8 * h),
-                    _mm256_mul_ps(*a, _mm256_set1_ps(t.lut_scale(tile))),
-                );
+                _mm256_storeu_ps(y.as_mut_ptr().add(8 * h), *a);
             }
-            t.put16(i, tile * ROW_TILE, &y);
+            t.put16(i, tile, &y);
         }
     }
 }
@@ -2376,7 +2365,7 @@ unsafe fn tiled4_avx512<const MR: usize>(
     unsafe {
         let rows: [*const u8; MR] = core::array::from_fn(|r| t.acts.add((i0 + r) * t.arb));
         for tile in 0..t.n.div_ceil(ROW_TILE) {
-            let tab = _mm_loadu_si128(t.lut.add(16 * t.table(tile)) as *const __m128i);
+            let tab = _mm_loadu_si128(t.lut.add(16 * t.layout.tile_table(tile)) as *const __m128i);
             let tz = _mm512_xor_si512(_mm512_broadcast_i32x4(tab), _mm512_set1_epi8(-128));
             let base = t.codes.add(tile * t.nb * TILE_BLOCK4);
             let mut acc = [_mm512_setzero_ps(); MR];
@@ -2415,11 +2404,10 @@ unsafe fn tiled4_avx512<const MR: usize>(
                     acc[r] = _mm512_fmadd_ps(v, sc, acc[r]);
                 }
             }
-            let ls = _mm512_set1_ps(t.lut_scale(tile));
             for r in 0..MR {
                 let mut y = [0f32; ROW_TILE];
-                _mm512_storeu_ps(y.as_mut_ptr(), _mm512_mul_ps(acc[r], ls));
-                t.put16(i0 + r, tile * ROW_TILE, &y);
+                _mm512_storeu_ps(y.as_mut_ptr(), acc[r]);
+                t.put16(i0 + r, tile, &y);
             }
         }
     }
@@ -2460,7 +2448,7 @@ unsafe fn tiled4_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS
         let ones = _mm256_set1_epi16(1);
         let row = t.acts.add(i * t.arb);
         for tile in 0..t.n.div_ceil(ROW_TILE) {
-            let tab = _mm_loadu_si128(t.lut.add(16 * t.table(tile)) as *const __m128i);
+            let tab = _mm_loadu_si128(t.lut.add(16 * t.layout.tile_table(tile)) as *const __m128i);
             let mut tz = _mm256_broadcastsi128_si256(tab);
             if DOT == AVX_VNNI {
                 tz = _mm256_xor_si256(tz, _mm256_set1_epi8(-128));
@@ -2514,11 +2502,10 @@ unsafe fn tiled4_ymm<const DOT: u8>(t: &Tiled, i: usize, kg: &[f32; TILED_GROUPS
                 }
             }
             let mut y = [0f32; ROW_TILE];
-            let ls = _mm256_set1_ps(t.lut_scale(tile));
             for (h, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(y.as_mut_ptr().add(8 * h), _mm256_mul_ps(*a, ls));
+                _mm256_storeu_ps(y.as_mut_ptr().add(8 * h), *a);
             }
-            t.put16(i, tile * ROW_TILE, &y);
+            t.put16(i, tile, &y);
         }
     }
 }
